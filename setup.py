@@ -35,7 +35,7 @@ extras_require = {
     "sglang": ["sglang[srt,openai]>=0.4.6"],
     "megatron": ["megatron-core>=0.12"],
     "gpu": ["flash-attn", "liger-kernel"],
-    "math": ["math-verify"],
+    "math": ["math-verify[antlr4_9_3]"],
     "tracking": ["tensorboard", "wandb", "mlflow", "swanlab"],
     "test": ["pytest>=8", "hypothesis>=6", "yapf==0.43.0", "pytest-timeout"],
 }

@@ -1,0 +1,1 @@
+"""Worker processes of a run: actors, critics, rollout engines, reward models and reward managers."""
