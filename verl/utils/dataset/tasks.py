@@ -206,29 +206,14 @@ def gsm8k_final_answer(answer: str) -> str | None:
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``, or ``\\boxed x``) in ``text``; None if absent."""
-    if not isinstance(text, str):
-        return None
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    rest = text[start:]
-    after = rest[len("\\boxed"):] if rest.startswith("\\boxed") else rest[len("\\fbox"):]
-    body = after.lstrip()
-    if not body.startswith("{"):
-        # "\boxed 5" (no braces) ends at the closing "$" of the math span or the end of the text
-        if not after.startswith(" "):
-            return None
-        return body.split("$")[0].strip() or None
-    depth = 0
-    for i, ch in enumerate(body):
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return body[1:i]
-    return None
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``, or ``\\boxed x``) in ``text``; None if absent.
+
+    Uses the reward scorer's parser so that the ground truth written here is exactly what the scorer extracts.
+    """
+    from verl.utils.reward_score.math import last_boxed_only_string, remove_boxed
+
+    boxed = last_boxed_only_string(text)
+    return remove_boxed(boxed) if boxed is not None else None
 
 
 def qa_rows(records: Sequence[Mapping[str, Any]],
