@@ -1,0 +1,174 @@
+"""Shared mechanics of the data-parallel actor and critic updates: config access, micro-batching, loss weighting
+across micro-batches and ranks, and the guarded optimizer step.
+
+Loss weighting. A mini-batch is split into micro-batches (gradient accumulation) and across data-parallel ranks
+(FSDP averages gradients over ranks). Each micro-batch's aggregated loss is multiplied by
+
+    weight = (aggregation units in this micro-batch / units in the whole mini-batch over all ranks) * dp_size
+
+where the unit is a token for ``token-mean`` and a sequence for the ``seq-mean-*`` modes. Summed over micro-batches
+and averaged over ranks this is exactly the loss aggregated over the whole mini-batch, so the gradient does not
+depend on the micro-batch size, on ``use_dynamic_bsz`` or on the number of ranks.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from verl.utils.device import get_device, get_device_name
+
+__all__ = [
+    "cfg_get",
+    "to_float",
+    "DPInfo",
+    "get_dp_info",
+    "loss_weight_context",
+    "micro_batch_weight",
+    "split_micro_batches",
+    "guarded_optimizer_step",
+    "append_to_dict",
+    "mean_metric_lists",
+    "device_of",
+]
+
+# modes whose aggregated value is a mean over sequences (weight by sequence share); token-mean weighs by tokens
+_SEQ_MEAN_MODES = ("seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+_TOKEN_MODES = ("token-mean",)
+
+
+def cfg_get(config: Any, key: str, default: Any = None) -> Any:
+    """``config[key]`` for DictConfig / dict / dataclass configs, ``default`` when absent or None. ``key`` may be
+    dotted (``policy_loss.loss_mode``)."""
+    node = config
+    for part in key.split("."):
+        if node is None:
+            return default
+        if hasattr(node, "get") and not isinstance(node, torch.Tensor):
+            try:
+                node = node.get(part, None)
+                continue
+            except TypeError:
+                pass
+        node = getattr(node, part, None)
+    return default if node is None else node
+
+
+def to_float(value: Any) -> float:
+    """A metric value (tensor, numpy scalar, number) as a Python float."""
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().float().mean().item())
+    return float(value)
+
+
+def append_to_dict(data: dict[str, list], new: dict[str, Any]) -> None:
+    """Append each value of ``new`` to the list under the same key of ``data``."""
+    for key, value in new.items():
+        data.setdefault(key, []).append(value)
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    """Where inputs of ``module`` must go: verl's device for a sharded (FSDP2) module, whose shards may sit on the
+    host under CPU offload while it computes on the accelerator; else the device of its parameters."""
+    for param in module.parameters():
+        if hasattr(param, "device_mesh"):
+            return get_device()
+        if param.device.type != "meta":
+            return param.device
+    return get_device()
+
+
+class DPInfo:
+    """Data-parallel size and process group over which gradients of ``module`` are averaged."""
+
+    def __init__(self, size: int, group: Any) -> None:
+        self.size = size
+        self.group = group
+
+
+def get_dp_info(module: torch.nn.Module) -> DPInfo:
+    """DP size = ranks of the FSDP mesh the parameters are sharded on (1 for a plain, unsharded module, whose
+    gradients nobody averages)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DPInfo(1, None)
+    for param in module.parameters():
+        mesh = getattr(param, "device_mesh", None)
+        if mesh is None:
+            continue
+        if mesh.size() == dist.get_world_size():
+            return DPInfo(mesh.size(), None)
+        if mesh.ndim == 1:
+            return DPInfo(mesh.size(), mesh.get_group())
+        raise NotImplementedError(f"a {mesh.ndim}-D FSDP mesh over {mesh.size()} of {dist.get_world_size()} ranks "
+                                  "is not supported by the data-parallel actor/critic; shard over all ranks")
+    return DPInfo(1, None)
+
+
+def _unit_count(response_mask: torch.Tensor, loss_agg_mode: str) -> float:
+    if loss_agg_mode in _TOKEN_MODES:
+        return float(response_mask.sum().item())
+    if loss_agg_mode in _SEQ_MEAN_MODES:
+        return float(response_mask.shape[0])
+    raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}; use one of {list(_TOKEN_MODES + _SEQ_MEAN_MODES)}")
+
+
+def loss_weight_context(response_mask: torch.Tensor, loss_agg_mode: str, dp: DPInfo) -> float:
+    """Aggregation units (tokens or sequences) of a whole mini-batch summed over the DP ranks."""
+    local = _unit_count(response_mask, loss_agg_mode)
+    if dp.size > 1:
+        backend_device = "cpu" if dist.get_backend(dp.group) == "gloo" else get_device_name()
+        t = torch.tensor([local], dtype=torch.float64, device=backend_device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=dp.group)
+        return float(t.item())
+    return local
+
+
+def micro_batch_weight(micro_response_mask: torch.Tensor, loss_agg_mode: str, global_units: float, dp: DPInfo) -> float:
+    """Weight of one micro-batch's aggregated loss (see module docstring). 0 when the mini-batch has no units."""
+    if global_units <= 0:
+        return 0.0
+    return _unit_count(micro_response_mask, loss_agg_mode) / global_units * dp.size
+
+
+def split_micro_batches(data: Any,
+                        use_dynamic_bsz: bool,
+                        micro_batch_size: int | None,
+                        max_token_len: int | None,
+                        dp: DPInfo,
+                        what: str = "ppo_micro_batch_size_per_gpu") -> list[Any]:
+    """Micro-batches of a DataProto: fixed row count, or balanced token budget (same count on every DP rank)."""
+    if use_dynamic_bsz:
+        from verl.utils.seqlen_balancing import prepare_dynamic_batch
+
+        # FSDP forwards are collectives: every rank of the group must run the same number of micro-batches
+        micro_batches, _ = prepare_dynamic_batch(data,
+                                                 max_token_len=max_token_len,
+                                                 dp_group=dp.group,
+                                                 same_micro_num_in_dp=dp.size > 1)
+        return micro_batches
+    if micro_batch_size is None or int(micro_batch_size) <= 0:
+        raise ValueError(f"{what} must be a positive int when use_dynamic_bsz is False, got {micro_batch_size!r}")
+    return data.split(int(micro_batch_size))
+
+
+def guarded_optimizer_step(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                           grad_clip: float | None) -> tuple[float, bool]:
+    """Clip gradients to ``grad_clip`` and step, unless the gradient norm is not finite (then the step is skipped
+    and the gradients dropped). Returns ``(grad_norm, stepped)``; every rank takes the same decision because the
+    norm is global."""
+    from verl.utils.fsdp_utils import clip_grad_norm_
+
+    grad_norm = clip_grad_norm_(module.parameters(), max_norm=grad_clip)
+    norm = float(grad_norm.item())
+    if not math.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return norm, False
+    optimizer.step()
+    return norm, True
+
+
+def mean_metric_lists(metrics: dict[str, list]) -> dict[str, float]:
+    """Mean of each metric list (what the worker reports)."""
+    return {k: float(sum(map(to_float, v)) / len(v)) for k, v in metrics.items() if len(v)}

@@ -1,0 +1,292 @@
+"""The data-parallel PPO actor: an FSDP2-sharded (or plain) HF causal LM that scores and learns from responses.
+
+``compute_log_prob`` runs forward-only over micro-batches; ``update_policy`` runs the PPO update: mini-batches x
+``ppo_epochs``, micro-batches with gradient accumulation, policy loss from the ``core_algos`` registry, entropy bonus,
+KL loss against the reference policy, gradient clipping with a skipped step on a non-finite norm.
+
+Config: an omegaconf DictConfig (or dict / dataclass) with verl's ``actor_rollout_ref.actor.*`` key names; the
+worker has already turned ``ppo_mini_batch_size`` into rows per GPU. ``use_remove_padding`` (upstream under
+``actor_rollout_ref.model``) is read from this config too.
+
+Losses are weighted so that the gradient equals that of the loss aggregated over the whole mini-batch on all ranks,
+whatever the micro-batching (see :mod:`verl.utils.dp_update`).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import torch
+
+from verl.protocol import DataProto
+from verl.utils import torch_functional as verl_F
+from verl.utils.dp_update import (append_to_dict, cfg_get, device_of, get_dp_info, guarded_optimizer_step,
+                                  loss_weight_context, micro_batch_weight, split_micro_batches, to_float)
+from verl.utils.remove_padding import forward_response_positions, scatter_to_response
+from verl.utils.seqlen_balancing import prepare_dynamic_batch, restore_dynamic_batch
+from verl.workers.actor.base import BasePPOActor
+
+__all__ = ["DataParallelPPOActor", "logprobs_and_entropy_from_logits"]
+
+logger = logging.getLogger(__name__)
+
+_FORWARD_KEYS = ("responses", "input_ids", "attention_mask", "position_ids")
+
+
+def logprobs_and_entropy_from_logits(logits: torch.Tensor,
+                                     labels: torch.Tensor,
+                                     calculate_entropy: bool = False,
+                                     entropy_grad: bool = True,
+                                     chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probability of ``labels`` and (optionally) the entropy of ``softmax(logits)``, sharing one logsumexp.
+
+    ``logits`` ``(N, vocab)``, ``labels`` ``(N,)``; results are float32 ``(N,)``. Without entropy this is
+    :func:`verl.utils.torch_functional.logprobs_from_logits`. With entropy, ``log p = z - logsumexp(z)`` and
+    ``H = logsumexp(z) - sum(softmax(z) * z)`` come from the same logsumexp, so the full-vocabulary softmax is formed
+    once. Without autograd the rows are processed in chunks (``chunk_rows``, default ~64M logits per chunk) to bound
+    the float32 copy. ``entropy_grad=False`` computes the entropy for metrics only, without keeping its backward.
+    """
+    if not calculate_entropy:
+        return verl_F.logprobs_from_logits(logits, labels), None
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"logits {tuple(logits.shape)} must be (N, vocab) and labels {tuple(labels.shape)} (N,)")
+    rows = logits.shape[0]
+    if rows == 0:
+        empty = logits.new_zeros((0,), dtype=torch.float32)
+        return empty, empty.clone()
+    step = rows if torch.is_grad_enabled() else (chunk_rows or max(1, (1 << 26) // max(1, logits.shape[-1])))
+    log_probs, entropies = [], []
+    for start in range(0, rows, step):
+        z = logits[start:start + step].float()
+        lse = torch.logsumexp(z, dim=-1)
+        log_probs.append(z.gather(-1, labels[start:start + step].long().unsqueeze(-1)).squeeze(-1) - lse)
+        ctx = contextlib.nullcontext() if entropy_grad else torch.no_grad()
+        with ctx:
+            probs = torch.exp(z - lse.unsqueeze(-1))
+            entropies.append(lse - (probs * z).sum(dim=-1))
+    return torch.cat(log_probs), torch.cat(entropies)
+
+
+class DataParallelPPOActor(BasePPOActor):
+    """PPO actor over a (possibly FSDP2-wrapped) HF causal LM, one instance per data-parallel rank."""
+
+    def __init__(self,
+                 config: Any,
+                 actor_module: torch.nn.Module,
+                 actor_optimizer: torch.optim.Optimizer | None = None) -> None:
+        super().__init__(config)
+        self.actor_module = actor_module
+        self.actor_optimizer = actor_optimizer
+        self.use_remove_padding = bool(cfg_get(config, "use_remove_padding", False))
+        sp_size = int(cfg_get(config, "ulysses_sequence_parallel_size", 1))
+        if sp_size != 1:
+            raise NotImplementedError(
+                f"ulysses_sequence_parallel_size={sp_size} is not supported by "
+                "DataParallelPPOActor; set actor_rollout_ref.actor.ulysses_sequence_parallel_size=1")
+        self.num_skipped_steps = 0
+        self._shuffle_generator = torch.Generator()
+        self._shuffle_generator.manual_seed(int(cfg_get(config, "data_loader_seed", 0) or 0))
+
+    # ----------------------------------------------------------------------------------------------- forward ----
+    def _forward_micro_batch(self,
+                             micro_batch: Any,
+                             temperature: float,
+                             calculate_entropy: bool = False,
+                             entropy_grad: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(entropy or None, log_probs)`` of the micro-batch's responses, each ``(batch, response_length)``; zero
+        at positions that are padding."""
+        device = device_of(self.actor_module)
+        responses = micro_batch["responses"].to(device)
+        logits, selected = forward_response_positions(self.actor_module,
+                                                      micro_batch["input_ids"].to(device),
+                                                      micro_batch["attention_mask"].to(device),
+                                                      micro_batch["position_ids"].to(device),
+                                                      response_length=responses.shape[-1],
+                                                      use_remove_padding=self.use_remove_padding)
+        if temperature != 1.0:
+            logits = logits / temperature
+        log_probs, entropy = logprobs_and_entropy_from_logits(logits,
+                                                              responses[selected],
+                                                              calculate_entropy=calculate_entropy,
+                                                              entropy_grad=entropy_grad)
+        log_probs = scatter_to_response(log_probs, selected)
+        if entropy is not None:
+            entropy = scatter_to_response(entropy, selected)
+        return entropy, log_probs
+
+    @staticmethod
+    def _require_keys(data: DataProto, keys: list[str], where: str) -> None:
+        missing = [k for k in keys if data.batch is None or k not in data.batch.keys()]
+        if missing:
+            raise KeyError(f"{where} needs batch columns {missing}; the batch has "
+                           f"{[] if data.batch is None else sorted(data.batch.keys())}")
+
+    def compute_log_prob(self,
+                         data: DataProto,
+                         calculate_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs (and entropies) of ``responses``, ``(batch, response_length)``, in the rows' order.
+
+        ``meta_info``: ``micro_batch_size`` (rows per forward), or ``use_dynamic_bsz`` with ``max_token_len``
+        (tokens per forward); ``temperature`` (default 1.0; must be the rollout's sampling temperature).
+        """
+        self._require_keys(data, list(_FORWARD_KEYS), "compute_log_prob")
+        temperature = float(data.meta_info.get("temperature", 1.0))
+        use_dynamic_bsz = bool(data.meta_info.get("use_dynamic_bsz", False))
+        selected = data.select(batch_keys=list(_FORWARD_KEYS), non_tensor_batch_keys=[])
+        batch_idx = None
+        if use_dynamic_bsz:
+            max_token_len = data.meta_info.get("max_token_len")
+            if max_token_len is None:
+                raise KeyError("compute_log_prob with use_dynamic_bsz needs meta_info['max_token_len'] (set "
+                               "log_prob_max_token_len_per_gpu)")
+            dp = get_dp_info(self.actor_module)
+            micro_batches, batch_idx = prepare_dynamic_batch(selected,
+                                                             max_token_len=int(max_token_len),
+                                                             dp_group=dp.group,
+                                                             same_micro_num_in_dp=dp.size > 1)
+        else:
+            micro_batch_size = data.meta_info.get("micro_batch_size")
+            if micro_batch_size is None or int(micro_batch_size) <= 0:
+                raise KeyError("compute_log_prob needs meta_info['micro_batch_size'] (set "
+                               "log_prob_micro_batch_size_per_gpu) or meta_info['use_dynamic_bsz']=True")
+            micro_batches = selected.split(int(micro_batch_size))
+
+        was_training = self.actor_module.training
+        self.actor_module.eval()
+        log_probs_list, entropy_list = [], []
+        try:
+            with torch.no_grad():
+                for micro in micro_batches:
+                    entropy, log_probs = self._forward_micro_batch(micro.batch, temperature, calculate_entropy)
+                    log_probs_list.append(log_probs)
+                    if entropy is not None:
+                        entropy_list.append(entropy)
+        finally:
+            self.actor_module.train(was_training)
+        log_probs = torch.cat(log_probs_list, dim=0)
+        entropys = torch.cat(entropy_list, dim=0) if calculate_entropy else None
+        if batch_idx is not None:
+            log_probs = restore_dynamic_batch(log_probs, batch_idx)
+            if entropys is not None:
+                entropys = restore_dynamic_batch(entropys, batch_idx)
+        return log_probs, entropys
+
+    # ------------------------------------------------------------------------------------------------ update ----
+    def _loss_settings(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "mini_batch_size": cfg_get(c, "ppo_mini_batch_size"),
+            "micro_batch_size": cfg_get(c, "ppo_micro_batch_size_per_gpu"),
+            "use_dynamic_bsz": bool(cfg_get(c, "use_dynamic_bsz", False)),
+            "max_token_len": cfg_get(c, "ppo_max_token_len_per_gpu"),
+            "epochs": int(cfg_get(c, "ppo_epochs", 1)),
+            "shuffle": bool(cfg_get(c, "shuffle", False)),
+            "entropy_coeff": float(cfg_get(c, "entropy_coeff", 0.0)),
+            "use_kl_loss": bool(cfg_get(c, "use_kl_loss", False)),
+            "kl_loss_coef": float(cfg_get(c, "kl_loss_coef", 0.001)),
+            "kl_loss_type": str(cfg_get(c, "kl_loss_type", "low_var_kl")),
+            "loss_agg_mode": str(cfg_get(c, "loss_agg_mode", "token-mean")),
+            "loss_mode": str(cfg_get(c, "policy_loss.loss_mode", "vanilla")),
+            "grad_clip": cfg_get(c, "grad_clip", 1.0),
+        }
+
+    def update_policy(self, data: DataProto) -> dict[str, list[float]]:
+        """PPO update on ``data`` (this rank's rows). Returns metrics as lists (one entry per micro-batch, or per
+        mini-batch for ``actor/grad_norm``); ``actor/skipped_steps`` counts optimizer steps skipped because the
+        gradient norm was not finite."""
+        from verl.trainer.ppo import core_algos
+
+        if self.actor_optimizer is None:
+            raise ValueError("update_policy needs an optimizer: build DataParallelPPOActor(config, module, optimizer)")
+        s = self._loss_settings()
+        if s["mini_batch_size"] is None or int(s["mini_batch_size"]) <= 0:
+            raise ValueError(f"actor.ppo_mini_batch_size must be a positive int (rows per GPU after the worker's "
+                             f"normalisation), got {s['mini_batch_size']!r}")
+        if s["use_dynamic_bsz"] and not s["max_token_len"]:
+            raise ValueError("actor.use_dynamic_bsz=True needs actor.ppo_max_token_len_per_gpu")
+        mini_batch_size = int(s["mini_batch_size"])
+
+        self._require_keys(data, list(_FORWARD_KEYS) + ["advantages"], "update_policy")
+        available = set(data.batch.keys())
+        num_mini_batches = -(-len(data) // mini_batch_size)
+        on_policy = num_mini_batches == 1 and s["epochs"] == 1
+        if "old_log_probs" not in available and not on_policy:
+            raise KeyError("update_policy needs 'old_log_probs' (from compute_log_prob) unless the update is one "
+                           "mini-batch for one epoch")
+        if s["use_kl_loss"] and "ref_log_prob" not in available:
+            raise KeyError("actor.use_kl_loss=True needs 'ref_log_prob' in the batch: enable the reference policy, or "
+                           "set actor_rollout_ref.actor.use_kl_loss=False")
+        optional = ["response_mask", "old_log_probs", "rollout_is_weights"
+                   ] + (["ref_log_prob"] if s["use_kl_loss"] else [])
+        keys = list(_FORWARD_KEYS) + ["advantages"] + [k for k in optional if k in available]
+        work = data.select(batch_keys=keys, non_tensor_batch_keys=[])
+        if "response_mask" not in available:  # older producers: the response part of attention_mask
+            response_length = data.batch["responses"].shape[-1]
+            work.batch["response_mask"] = data.batch["attention_mask"][:, -response_length:]
+        has_is_weights = "rollout_is_weights" in available
+
+        temperature = float(data.meta_info.get("temperature", 1.0))
+        policy_loss_fn = core_algos.get_policy_loss_fn(s["loss_mode"])
+        dp = get_dp_info(self.actor_module)
+        mode = s["loss_agg_mode"]
+        metrics: dict[str, list] = {}
+        skipped = 0
+        self.actor_module.train()
+        for _epoch in range(s["epochs"]):
+            epoch_data = work
+            if s["shuffle"] and len(work) > 1:
+                perm = torch.randperm(len(work), generator=self._shuffle_generator)
+                epoch_data = work.select_idxs(perm)
+            for mini_batch in epoch_data.split(mini_batch_size):
+                global_units = loss_weight_context(mini_batch.batch["response_mask"], mode, dp)
+                micro_batches = split_micro_batches(mini_batch, s["use_dynamic_bsz"], s["micro_batch_size"],
+                                                    s["max_token_len"], dp)
+                self.actor_optimizer.zero_grad(set_to_none=True)
+                for micro in micro_batches:
+                    mb = micro.batch.to(device_of(self.actor_module))
+                    response_mask = mb["response_mask"].to(torch.float32)
+                    entropy, log_prob = self._forward_micro_batch(mb,
+                                                                  temperature,
+                                                                  calculate_entropy=True,
+                                                                  entropy_grad=s["entropy_coeff"] != 0)
+                    old_log_prob = log_prob.detach() if on_policy else mb["old_log_probs"]
+                    pg_loss, pg_metrics = policy_loss_fn(
+                        old_log_prob=old_log_prob,
+                        log_prob=log_prob,
+                        advantages=mb["advantages"],
+                        response_mask=response_mask,
+                        loss_agg_mode=mode,
+                        config=self.config,
+                        rollout_is_weights=mb["rollout_is_weights"] if has_is_weights else None,
+                    )
+                    entropy_agg = core_algos.agg_loss(loss_mat=entropy, loss_mask=response_mask, loss_agg_mode=mode)
+                    loss = pg_loss
+                    if s["entropy_coeff"] != 0:
+                        loss = loss - s["entropy_coeff"] * entropy_agg
+                    micro_metrics: dict[str, Any] = {
+                        "actor/pg_loss": to_float(pg_loss),
+                        "actor/entropy": to_float(entropy_agg)
+                    }
+                    if s["use_kl_loss"]:
+                        kld = core_algos.kl_penalty(logprob=log_prob,
+                                                    ref_logprob=mb["ref_log_prob"],
+                                                    kl_penalty=s["kl_loss_type"])
+                        kl_loss = core_algos.agg_loss(loss_mat=kld, loss_mask=response_mask, loss_agg_mode=mode)
+                        loss = loss + s["kl_loss_coef"] * kl_loss
+                        micro_metrics["actor/kl_loss"] = to_float(kl_loss)
+                        micro_metrics["actor/kl_coef"] = s["kl_loss_coef"]
+                    weight = micro_batch_weight(response_mask, mode, global_units, dp)
+                    (loss * weight).backward()
+                    for key, value in (pg_metrics or {}).items():
+                        micro_metrics[key if key.startswith("actor/") else f"actor/{key}"] = to_float(value)
+                    append_to_dict(metrics, micro_metrics)
+                grad_norm, stepped = guarded_optimizer_step(self.actor_module, self.actor_optimizer, s["grad_clip"])
+                if not stepped:
+                    skipped += 1
+                    self.num_skipped_steps += 1
+                    logger.warning("actor: gradient norm is %s, skipping this optimizer step", grad_norm)
+                append_to_dict(metrics, {"actor/grad_norm": grad_norm})
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        metrics["actor/skipped_steps"] = [float(skipped)]
+        return metrics
