@@ -27,6 +27,7 @@ install_requires = [
     "tqdm",
     "psutil",
     "packaging",
+    "torchdata>=0.8",
 ]
 
 extras_require = {
