@@ -28,6 +28,7 @@ Batch sizes follow verl: ``ppo_mini_batch_size`` counts prompts for the whole gr
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import logging
@@ -68,6 +69,28 @@ _FSDP_STRATEGIES = ("fsdp", "fsdp2")
 # ----------------------------------------------------------------------------------------------------------------------
 # shared building blocks of the three roles
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _resident_for_checkpoint_io(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, offload_param: bool,
+                                offload_optimizer: bool):
+    """Bring offloaded parameters (and optimizer state, when given) onto the device for checkpoint I/O and offload
+    them again afterwards, even when the I/O fails, so actor and critic share one offload discipline."""
+    from verl.utils.fsdp_utils import (load_fsdp_model_to_gpu, load_fsdp_optimizer, offload_fsdp_model_to_cpu,
+                                       offload_fsdp_optimizer)
+
+    reload_optimizer = optimizer is not None and offload_optimizer
+    if offload_param:
+        load_fsdp_model_to_gpu(module)
+    if reload_optimizer:
+        load_fsdp_optimizer(optimizer)
+    try:
+        yield
+    finally:
+        if offload_param:
+            offload_fsdp_model_to_cpu(module)
+        if reload_optimizer:
+            offload_fsdp_optimizer(optimizer)
 
 
 def init_distributed(timeout_s: float = 600) -> None:
@@ -563,20 +586,13 @@ class ActorRolloutRefWorker(Worker):
                         global_step: int = 0,
                         max_ckpt_to_keep: int | None = None) -> None:
         """Write the actor's sharded model, optimizer, lr scheduler and RNG state to ``local_path``."""
-        from verl.utils.fsdp_utils import load_fsdp_model_to_gpu, offload_fsdp_model_to_cpu
-
         self._require(self._is_actor, "save_checkpoint")
-        if self._is_offload_param:
-            load_fsdp_model_to_gpu(self.actor_module_fsdp)
-        try:
+        with _resident_for_checkpoint_io(self.actor_module_fsdp, None, self._is_offload_param, False):
             self.checkpoint_manager.save_checkpoint(local_path=local_path,
                                                     hdfs_path=hdfs_path,
                                                     global_step=global_step,
                                                     max_ckpt_to_keep=max_ckpt_to_keep)
             dist.barrier()
-        finally:
-            if self._is_offload_param:
-                offload_fsdp_model_to_cpu(self.actor_module_fsdp)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def load_checkpoint(self,
@@ -584,23 +600,12 @@ class ActorRolloutRefWorker(Worker):
                         hdfs_path: str | None = None,
                         del_local_after_load: bool = False) -> None:
         """Restore what ``actor.checkpoint.load_contents`` names from ``local_path`` (None: nothing)."""
-        from verl.utils.fsdp_utils import (load_fsdp_model_to_gpu, load_fsdp_optimizer, offload_fsdp_model_to_cpu,
-                                           offload_fsdp_optimizer)
-
         self._require(self._is_actor, "load_checkpoint")
-        if self._is_offload_param:
-            load_fsdp_model_to_gpu(self.actor_module_fsdp)
-        if self._is_offload_optimizer:
-            load_fsdp_optimizer(self.actor_optimizer)
-        try:
+        with _resident_for_checkpoint_io(self.actor_module_fsdp, self.actor_optimizer, self._is_offload_param,
+                                         self._is_offload_optimizer):
             self.checkpoint_manager.load_checkpoint(local_path=local_path,
                                                     hdfs_path=hdfs_path,
                                                     del_local_after_load=del_local_after_load)
-        finally:
-            if self._is_offload_param:
-                offload_fsdp_model_to_cpu(self.actor_module_fsdp)
-            if self._is_offload_optimizer:
-                offload_fsdp_optimizer(self.actor_optimizer)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -754,20 +759,13 @@ class CriticWorker(Worker):
                         global_step: int = 0,
                         max_ckpt_to_keep: int | None = None) -> None:
         """Write the critic's sharded model, optimizer, lr scheduler and RNG state to ``local_path``."""
-        from verl.utils.fsdp_utils import load_fsdp_model_to_gpu, offload_fsdp_model_to_cpu
-
         self._require_model()
-        if self._is_offload_param:
-            load_fsdp_model_to_gpu(self.critic_module)
-        try:
+        with _resident_for_checkpoint_io(self.critic_module, None, self._is_offload_param, False):
             self.checkpoint_manager.save_checkpoint(local_path=local_path,
                                                     hdfs_path=hdfs_path,
                                                     global_step=global_step,
                                                     max_ckpt_to_keep=max_ckpt_to_keep)
             dist.barrier()
-        finally:
-            if self._is_offload_param:
-                offload_fsdp_model_to_cpu(self.critic_module)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def load_checkpoint(self,
@@ -775,23 +773,12 @@ class CriticWorker(Worker):
                         hdfs_path: str | None = None,
                         del_local_after_load: bool = False) -> None:
         """Restore what ``critic.checkpoint.load_contents`` names from ``local_path`` (None: nothing)."""
-        from verl.utils.fsdp_utils import (load_fsdp_model_to_gpu, load_fsdp_optimizer, offload_fsdp_model_to_cpu,
-                                           offload_fsdp_optimizer)
-
         self._require_model()
-        if self._is_offload_param:
-            load_fsdp_model_to_gpu(self.critic_module)
-        if self._is_offload_optimizer:
-            load_fsdp_optimizer(self.critic_optimizer)
-        try:
+        with _resident_for_checkpoint_io(self.critic_module, self.critic_optimizer, self._is_offload_param,
+                                         self._is_offload_optimizer):
             self.checkpoint_manager.load_checkpoint(local_path=local_path,
                                                     hdfs_path=hdfs_path,
                                                     del_local_after_load=del_local_after_load)
-        finally:
-            if self._is_offload_param:
-                offload_fsdp_model_to_cpu(self.critic_module)
-            if self._is_offload_optimizer:
-                offload_fsdp_optimizer(self.critic_optimizer)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
