@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import importlib
 import logging
 import os
 import resource
@@ -431,8 +432,16 @@ class ActorRolloutRefWorker(Worker):
         name, mode = str(rollout_cfg.get("name", "hf")), str(rollout_cfg.get("mode", "sync") or "sync")
         rollout_cls = get_rollout_class(name, mode)  # reports unknown names and missing engine packages
         if name != "hf":
-            raise NotImplementedError(f"actor_rollout_ref.rollout.name={name!r}: the FSDP worker builds the hybrid "
-                                      "engine for the hf rollout only; set actor_rollout_ref.rollout.name=hf")
+            # engine backends own their hybrid-engine wiring: ``verl.workers.sharding_manager.fsdp_<name>`` exposes
+            # ``build_hybrid_engine(worker, rollout_cls) -> (rollout, sharding_manager)``
+            try:
+                backend = importlib.import_module(f"verl.workers.sharding_manager.fsdp_{name}")
+            except ModuleNotFoundError as err:
+                if err.name != f"verl.workers.sharding_manager.fsdp_{name}":
+                    raise
+                raise NotImplementedError(f"actor_rollout_ref.rollout.name={name!r}: the FSDP worker has no hybrid "
+                                          "engine for this backend; set actor_rollout_ref.rollout.name=hf") from None
+            return backend.build_hybrid_engine(worker=self, rollout_cls=rollout_cls)
         # rollout.dtype (bf16) on accelerators; on CPU fp32, like the actor's compute dtype there. The weights are
         # random until the sharding manager copies the actor's in, before every generation, so none are read here.
         dtype = to_torch_dtype(rollout_cfg.get("dtype"), torch.bfloat16) if is_cuda_available() else torch.float32
