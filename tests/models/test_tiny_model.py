@@ -177,14 +177,24 @@ def test_unknown_variant_is_rejected(tmp_path):
 
 
 def test_concurrent_cache_builds_in_separate_processes_match(built, tmp_path):
-    """Separate processes (other hash seeds) build byte-identical models; racing cache builds both succeed."""
+    """Separate processes (other hash seeds) build byte-identical models; racing cache builds both succeed, also as
+    ranks of one initialised process group (transformers then saves on rank 0 only, unless told otherwise)."""
     path, _ = built
     cache = tmp_path / "cache"
-    env = dict(os.environ, PYTHONHASHSEED="random", OMP_NUM_THREADS="1")
-    code = "from verl.models.tiny import get_tiny_model_path; print(get_tiny_model_path(cache_dir=%r))" % str(cache)
+    env = dict(os.environ,
+               PYTHONHASHSEED="random",
+               OMP_NUM_THREADS="1",
+               MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()),
+               WORLD_SIZE="2")
+    code = ("import torch.distributed as dist; dist.init_process_group('gloo'); "
+            "from verl.models.tiny import get_tiny_model_path; print(get_tiny_model_path(cache_dir=%r)); "
+            "dist.barrier(); dist.destroy_process_group()" % str(cache))
     procs = [
-        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        for _ in range(2)
+        subprocess.Popen([sys.executable, "-c", code],
+                         stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE,
+                         env=dict(env, RANK=str(rank))) for rank in range(2)
     ]
     results = []
     for p in procs:
@@ -199,6 +209,14 @@ def test_concurrent_cache_builds_in_separate_processes_match(built, tmp_path):
     start = time.perf_counter()
     assert get_tiny_model_path(cache_dir=str(cache)) == results[0]
     assert time.perf_counter() - start < 5
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_cli(built, tmp_path, capsys):

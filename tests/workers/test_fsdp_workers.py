@@ -58,7 +58,10 @@ def _hf_log_probs(model, data, temperature=1.0):
     return torch.log_softmax(logits, -1).gather(-1, b["responses"].unsqueeze(-1)).squeeze(-1)
 
 
-def _pool():
+@pytest.fixture(scope="module")
+def pool(ray_cluster):
+    """One set of worker slots shared by every group (as the trainer colocates roles): on CUDA each slot is a whole
+    GPU, so a second pool would wait forever for GPUs the first one holds."""
     return RayResourcePool([WORLD], num_cpus_per_bundle=0.5)
 
 
@@ -117,18 +120,18 @@ def config(paths):
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1",
         f"actor_rollout_ref.actor.optim.lr={LR}",
         "actor_rollout_ref.actor.optim.total_training_steps=4",
-        "+actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp32",
+        "actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp32",
         f"actor_rollout_ref.rollout.n={N}",
         "actor_rollout_ref.rollout.dtype=float32",
         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=3",
         "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=4",
-        "+actor_rollout_ref.ref.fsdp_config.mixed_precision.param_dtype=fp32",
+        "actor_rollout_ref.ref.fsdp_config.mixed_precision.param_dtype=fp32",
         "critic.ppo_micro_batch_size_per_gpu=2",
         "critic.optim.lr=1e-4",
-        "+critic.model.fsdp_config.mixed_precision.param_dtype=fp32",
+        "critic.model.fsdp_config.mixed_precision.param_dtype=fp32",
         f"reward_model.model.path={paths.rm}",
         "reward_model.micro_batch_size_per_gpu=3",
-        "+reward_model.model.fsdp_config.mixed_precision.param_dtype=fp32",
+        "reward_model.model.fsdp_config.mixed_precision.param_dtype=fp32",
     ]
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
 
@@ -154,8 +157,8 @@ def hf_model(paths):
 
 
 @pytest.fixture(scope="module")
-def actor_wg(ray_cluster, config):
-    wg = RayWorkerGroup(_pool(),
+def actor_wg(pool, config):
+    wg = RayWorkerGroup(pool,
                         RayClassWithInitArgs(ActorRolloutRefWorker, config.actor_rollout_ref, "actor_rollout_ref"))
     wg.init_model()
     return wg
@@ -183,13 +186,13 @@ def after_update(actor_wg, prompts, before_update, paths):
 
 
 @pytest.fixture(scope="module")
-def critic_rm(ray_cluster, config):
+def critic_rm(pool, config):
     """Critic and reward model fused in one process per rank; returns the per-role groups."""
     fused = create_colocated_worker_cls({
         "critic": RayClassWithInitArgs(CriticWorker, config=config.critic),
         "rm": RayClassWithInitArgs(RewardModelWorker, config=config.reward_model),
     })
-    groups = RayWorkerGroup(_pool(), fused).spawn(prefix_set={"critic", "rm"})
+    groups = RayWorkerGroup(pool, fused).spawn(prefix_set={"critic", "rm"})
     groups["critic"].init_model()
     groups["rm"].init_model()
     return groups
@@ -285,8 +288,8 @@ def test_rollout_generates_with_the_updated_weights(after_update, prompts, paths
     assert rollout[0::2] == rollout[1::2]  # greedy: both samples of a prompt agree
 
 
-def test_checkpoint_resume_continues_like_the_original(actor_wg, after_update, before_update, config):
-    fresh = RayWorkerGroup(_pool(), RayClassWithInitArgs(ActorRolloutRefWorker, config.actor_rollout_ref, "actor"))
+def test_checkpoint_resume_continues_like_the_original(pool, actor_wg, after_update, before_update, config):
+    fresh = RayWorkerGroup(pool, RayClassWithInitArgs(ActorRolloutRefWorker, config.actor_rollout_ref, "actor"))
     fresh.init_model()
     fresh.load_checkpoint(after_update.ckpt)
     gen = before_update.gen

@@ -240,6 +240,9 @@ def build_tiny_model(out_dir: str,
 
     bars_were_disabled = hf_logging.is_progress_bar_enabled() is False
     hf_logging.disable_progress_bar()  # a "Writing model shards" bar per build only clutters test logs
+    # transformers writes only on rank 0 once torch.distributed is initialised; every rank builds its own private
+    # copy here (then renamed into the shared cache), so each must write all of it
+    model.should_save_on_this_rank = lambda is_main_process: True
     try:
         model.save_pretrained(out_dir, safe_serialization=True)
     finally:
