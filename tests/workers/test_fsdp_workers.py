@@ -158,8 +158,8 @@ def hf_model(paths):
 
 @pytest.fixture(scope="module")
 def actor_wg(pool, config):
-    wg = RayWorkerGroup(pool,
-                        RayClassWithInitArgs(ActorRolloutRefWorker, config.actor_rollout_ref, "actor_rollout_ref"))
+    wg = RayWorkerGroup(pool, RayClassWithInitArgs(ActorRolloutRefWorker, config.actor_rollout_ref,
+                                                   "actor_rollout_ref"))
     wg.init_model()
     return wg
 
