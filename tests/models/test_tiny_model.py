@@ -233,3 +233,14 @@ def test_cache_dir_from_env(monkeypatch, tmp_path):
     path = get_tiny_model_path(variant="reward")
     assert path.startswith(str(tmp_path / "envcache"))
     assert json.load(open(os.path.join(path, "config.json")))["architectures"] == ["Qwen2ForSequenceClassification"]
+
+
+def test_incomplete_cache_entry_is_rebuilt(tmp_path):
+    """An entry without config.json (an interrupted or foreign write) is replaced, not trusted or fatal."""
+    cache = str(tmp_path / "cache")
+    path = get_tiny_model_path(cache_dir=cache)
+    os.remove(os.path.join(path, "config.json"))
+    os.remove(os.path.join(path, "model.safetensors"))
+    assert get_tiny_model_path(cache_dir=cache) == path
+    assert os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "model.safetensors"))
+    assert sorted(os.listdir(cache)) == [os.path.basename(path)]

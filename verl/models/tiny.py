@@ -303,7 +303,11 @@ def get_tiny_model_path(variant: str = "causal_lm", seed: int = 0, cache_dir: st
             os.rename(tmp, final)
         except OSError:
             if not os.path.isfile(os.path.join(final, "config.json")):
-                raise
+                # an incomplete entry (left by an older build): move it aside, then publish ours
+                stale = tempfile.mkdtemp(dir=root, prefix=f".stale-{variant}-")
+                os.rename(final, os.path.join(stale, "old"))
+                shutil.rmtree(stale, ignore_errors=True)
+                os.rename(tmp, final)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
