@@ -526,6 +526,33 @@ def _log_ratio(old_log_prob: torch.Tensor, log_prob: torch.Tensor) -> torch.Tens
     return torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
 
 
+def _clipped_surrogate(advantages: torch.Tensor, ratio: torch.Tensor, low: float,
+                       high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's pessimistic surrogate ``max(-A r, -A clip(r, 1-low, 1+high))`` and where the clipped term is active."""
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high)
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def _finish_policy_loss(pg_losses: torch.Tensor,
+                        response_mask: torch.Tensor,
+                        loss_agg_mode: str,
+                        rollout_is_weights: torch.Tensor | None,
+                        clipfrac: torch.Tensor | None,
+                        ppo_kl: torch.Tensor,
+                        clipfrac_lower: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Every policy loss ends alike: rollout importance weights, aggregation, and the three ``actor/*`` metrics
+    the trainer logs for any loss mode (zero where a loss has no such clipping)."""
+    pg_loss = agg_loss(_apply_is_weights(pg_losses, rollout_is_weights), response_mask, loss_agg_mode)
+    zero = torch.zeros((), device=pg_loss.device)
+    metrics = {
+        "actor/pg_clipfrac": zero if clipfrac is None else clipfrac.detach(),
+        "actor/ppo_kl": ppo_kl.detach(),
+        "actor/pg_clipfrac_lower": zero if clipfrac_lower is None else clipfrac_lower.detach(),
+    }
+    return pg_loss, metrics
+
+
 @register_policy_loss("vanilla")
 def compute_policy_loss_vanilla(old_log_prob: torch.Tensor,
                                 log_prob: torch.Tensor,
@@ -546,25 +573,16 @@ def compute_policy_loss_vanilla(old_log_prob: torch.Tensor,
     ratio = torch.exp(log_ratio)
     ppo_kl = masked_mean(-log_ratio, response_mask)
 
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high)
-    ppo_losses = torch.maximum(unclipped, clipped)
-    clipfrac = masked_mean((clipped > unclipped).float(), response_mask)
+    ppo_losses, is_clipped = _clipped_surrogate(advantages, ratio, low, high)
+    clipfrac = masked_mean(is_clipped.float(), response_mask)
 
     dual_bound = -advantages * clip_ratio_c
     negative = advantages < 0
     dual_losses = torch.minimum(ppo_losses, dual_bound)
     clipfrac_lower = masked_mean(((ppo_losses > dual_bound) & negative).float(), response_mask)
     pg_losses = torch.where(negative, dual_losses, ppo_losses)
-
-    pg_losses = _apply_is_weights(pg_losses, rollout_is_weights)
-    pg_loss = agg_loss(pg_losses, response_mask, loss_agg_mode)
-    metrics = {
-        "actor/pg_clipfrac": clipfrac.detach(),
-        "actor/ppo_kl": ppo_kl.detach(),
-        "actor/pg_clipfrac_lower": clipfrac_lower.detach(),
-    }
-    return pg_loss, metrics
+    return _finish_policy_loss(pg_losses, response_mask, loss_agg_mode, rollout_is_weights, clipfrac, ppo_kl,
+                               clipfrac_lower)
 
 
 @register_policy_loss("gspo")
@@ -586,16 +604,10 @@ def compute_policy_loss_gspo(old_log_prob: torch.Tensor,
     combined = seq_log_ratio.detach().unsqueeze(-1) + log_prob - log_prob.detach()
     ratio = torch.exp(torch.clamp(combined, max=10.0))
 
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high)
-    pg_losses = _apply_is_weights(torch.maximum(unclipped, clipped), rollout_is_weights)
-    pg_loss = agg_loss(pg_losses, response_mask, loss_agg_mode)
-    metrics = {
-        "actor/pg_clipfrac": masked_mean((clipped > unclipped).float(), response_mask).detach(),
-        "actor/ppo_kl": masked_mean(-token_log_ratio, response_mask).detach(),
-        "actor/pg_clipfrac_lower": torch.zeros((), device=pg_loss.device),
-    }
-    return pg_loss, metrics
+    pg_losses, is_clipped = _clipped_surrogate(advantages, ratio, low, high)
+    return _finish_policy_loss(pg_losses, response_mask, loss_agg_mode, rollout_is_weights,
+                               masked_mean(is_clipped.float(), response_mask),
+                               masked_mean(-token_log_ratio, response_mask))
 
 
 @register_policy_loss("clip_cov")
@@ -620,15 +632,13 @@ def compute_policy_loss_clip_cov(old_log_prob: torch.Tensor,
 
     log_ratio = _log_ratio(old_log_prob, log_prob)
     ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high)
-    pg_losses = torch.maximum(unclipped, clipped)
+    pg_losses, is_clipped = _clipped_surrogate(advantages, ratio, low, high)
 
     with torch.no_grad():
         valid = response_mask.bool()
         lp = log_prob.detach()
         cov = (advantages - masked_mean(advantages, valid)) * (lp - masked_mean(lp, valid))
-        candidates = valid & ~(clipped > unclipped) & (cov > cov_lb) & (cov < cov_ub)
+        candidates = valid & ~is_clipped & (cov > cov_lb) & (cov < cov_ub)
         positions = candidates.flatten().nonzero().squeeze(-1)
         budget = max(int(cov_ratio * float(valid.sum().item())), 1)
         chosen = positions[torch.randperm(positions.numel(), device=positions.device)[:budget]]
@@ -637,14 +647,8 @@ def compute_policy_loss_clip_cov(old_log_prob: torch.Tensor,
         detach = detach.view_as(candidates)
 
     pg_losses = torch.where(detach, pg_losses.detach(), pg_losses)
-    pg_losses = _apply_is_weights(pg_losses, rollout_is_weights)
-    pg_loss = agg_loss(pg_losses, response_mask, loss_agg_mode)
-    metrics = {
-        "actor/pg_clipfrac": masked_mean(detach.float(), response_mask).detach(),
-        "actor/ppo_kl": masked_mean(-log_ratio, response_mask).detach(),
-        "actor/pg_clipfrac_lower": torch.zeros((), device=pg_loss.device),
-    }
-    return pg_loss, metrics
+    return _finish_policy_loss(pg_losses, response_mask, loss_agg_mode, rollout_is_weights,
+                               masked_mean(detach.float(), response_mask), masked_mean(-log_ratio, response_mask))
 
 
 @register_policy_loss("gpg")
@@ -656,15 +660,8 @@ def compute_policy_loss_gpg(old_log_prob: torch.Tensor,
                             config: Any = None,
                             rollout_is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """GPG: plain policy gradient ``-A * log pi`` without ratio or clipping (pair with the ``gpg`` estimator)."""
-    pg_losses = _apply_is_weights(-advantages * log_prob, rollout_is_weights)
-    pg_loss = agg_loss(pg_losses, response_mask, loss_agg_mode)
-    zero = torch.zeros((), device=pg_loss.device)
-    metrics = {
-        "actor/pg_clipfrac": zero,
-        "actor/ppo_kl": masked_mean(old_log_prob - log_prob, response_mask).detach(),
-        "actor/pg_clipfrac_lower": zero,
-    }
-    return pg_loss, metrics
+    return _finish_policy_loss(-advantages * log_prob, response_mask, loss_agg_mode, rollout_is_weights, None,
+                               masked_mean(old_log_prob - log_prob, response_mask))
 
 
 def compute_policy_loss(

@@ -350,6 +350,36 @@ def write_qa_task(local_dataset_path: str | None,
     return write_splits(splits, local_dir)
 
 
+def qa_task_cli(argv: list[str] | None, description: str, what: str, data_source: str, question_key: str,
+                answer_key: str, instruction: str, extract: Any) -> None:
+    """The command line shared by the local-copy converters (``examples/data_preprocess/gsm8k.py``,
+    ``math_dataset.py``): parse ``argv``, run :func:`write_qa_task`, print the written paths, and exit with a
+    one-line error for a missing file or column."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--local_dataset_path", default=None, help=f"directory or file of a local {what} copy")
+    parser.add_argument("--local_dir", "--local_save_dir", dest="local_dir", default=f"~/data/{what}")
+    parser.add_argument("--train_size", type=int, default=-1, help="keep at most this many train rows (-1: all)")
+    parser.add_argument("--test_size", type=int, default=-1, help="keep at most this many test rows (-1: all)")
+    parser.add_argument("--test_ratio", type=float, default=0.1, help="test fraction when given a single file")
+    parser.add_argument("--question_key", default=question_key)
+    parser.add_argument("--answer_key", default=answer_key)
+    parser.add_argument("--data_source", default=data_source)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sft", action="store_true", help="write a `messages` column (question + reference answer)")
+    args = parser.parse_args(argv)
+    try:
+        paths = write_qa_task(args.local_dataset_path, args.local_dir, what, args.data_source, args.question_key,
+                              args.answer_key, instruction, extract, args.train_size, args.test_size, args.test_ratio,
+                              args.seed, args.sft)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+
+
 def task_texts(seed: int = 0, num_arithmetic: int = 400, num_countdown: int = 200) -> Iterator[str]:
     """Prompts and reference answers of the generated tasks (tokenizer training text for the tiny model)."""
     rng = random.Random(f"corpus-{seed}")
