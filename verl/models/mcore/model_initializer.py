@@ -1,0 +1,152 @@
+"""Building a Megatron-core ``GPTModel`` chunk from a Hugging Face config; megatron-core is imported only here, lazily.
+
+Megatron-core is an optional dependency (``pip install -e .[megatron]``) that needs CUDA for training; everything
+else in :mod:`verl.models.mcore` is pure tensor code. Megatron's ``parallel_state`` must be initialised
+(``megatron.core.parallel_state.initialize_model_parallel``) before a chunk is built with TP or PP > 1.
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from dataclasses import fields
+from types import ModuleType
+from typing import Any, Mapping, Optional
+
+from verl.models.mcore.registry import get_gpt_model_kwargs, hf_to_mcore_config
+from verl.models.mcore.weight_converter import DecoderDims, McoreLayout
+
+__all__ = [
+    "MEGATRON_INSTALL_HINT",
+    "is_megatron_core_available",
+    "import_megatron_core",
+    "make_transformer_config",
+    "layout_from_transformer_config",
+    "get_gpt_layer_spec",
+    "build_gpt_model",
+]
+
+MEGATRON_INSTALL_HINT = "pip install -e .[megatron]"
+
+
+def is_megatron_core_available() -> bool:
+    """True when ``megatron.core`` can be imported (it is not imported here)."""
+    try:
+        return importlib.util.find_spec("megatron.core") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def import_megatron_core() -> ModuleType:
+    """``megatron.core``, or an ImportError that says how to install it."""
+    try:
+        import megatron.core as mcore
+    except ImportError as exc:
+        raise ImportError(f"the Megatron backend needs megatron-core, which is not installed. Fix: `"
+                          f"{MEGATRON_INSTALL_HINT}` (megatron-core trains on CUDA GPUs; Transformer Engine is "
+                          "optional)") from exc
+    return mcore
+
+
+def _megatron_version() -> tuple[int, ...]:
+    try:
+        from megatron.core.package_info import __version__
+    except ImportError:
+        return (0,)
+    parts = []
+    for piece in str(__version__).split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def make_transformer_config(config_kwargs: Mapping[str, Any]) -> Any:
+    """A ``megatron.core.transformer.TransformerConfig`` from the kwargs of :func:`hf_to_mcore_config`; an unknown
+    field (e.g. a typo in ``override_transformer_config``) is a clear error instead of a ``TypeError``."""
+    import_megatron_core()
+    from megatron.core.transformer import TransformerConfig
+
+    known = {f.name for f in fields(TransformerConfig)}
+    unknown = sorted(k for k in config_kwargs if k not in known)
+    if unknown:
+        raise ValueError(f"unknown megatron-core TransformerConfig field(s) {unknown} (from "
+                         "actor_rollout_ref.actor.megatron.override_transformer_config or the config converter); "
+                         "check the names against megatron/core/transformer/transformer_config.py")
+    return TransformerConfig(**dict(config_kwargs))
+
+
+def layout_from_transformer_config(tf_config: Any,
+                                   use_transformer_engine: bool,
+                                   make_vocab_size_divisible_by: int = 1) -> McoreLayout:
+    """The :class:`McoreLayout` (for the weight converters) of a built ``TransformerConfig``."""
+    vpp = getattr(tf_config, "virtual_pipeline_model_parallel_size", None)
+    return McoreLayout(tp_size=int(tf_config.tensor_model_parallel_size),
+                       pp_size=int(tf_config.pipeline_model_parallel_size),
+                       vpp_size=int(vpp) if vpp not in (None, 1) else None,
+                       make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+                       fused_layernorm=use_transformer_engine)
+
+
+def _te_available() -> bool:
+    try:
+        return importlib.util.find_spec("transformer_engine") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def get_gpt_layer_spec(tf_config: Any, use_transformer_engine: Optional[bool] = None) -> Any:
+    """The decoder layer spec: Transformer Engine's when it is installed (norms fused into ``linear_qkv`` /
+    ``linear_fc1``), else megatron-core's local spec (separate ``input_layernorm`` / ``pre_mlp_layernorm``)."""
+    import_megatron_core()
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    use_te = _te_available() if use_transformer_engine is None else use_transformer_engine
+    fn = (gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec
+          if use_te else gpt_layer_specs.get_gpt_layer_local_spec)
+    wanted = {"qk_layernorm": bool(getattr(tf_config, "qk_layernorm", False))}
+    if not use_te:
+        wanted["normalization"] = getattr(tf_config, "normalization", "RMSNorm")
+    accepted = inspect.signature(fn).parameters
+    return fn(**{k: v for k, v in wanted.items() if k in accepted})
+
+
+def build_gpt_model(hf_config: Any,
+                    transformer_config: Any = None,
+                    *,
+                    pre_process: bool = True,
+                    post_process: bool = True,
+                    vp_stage: Optional[int] = None,
+                    use_transformer_engine: Optional[bool] = None,
+                    make_vocab_size_divisible_by: int = 1,
+                    **config_kwargs: Any) -> Any:
+    """One ``megatron.core.models.gpt.GPTModel`` chunk for ``hf_config``.
+
+    ``transformer_config``: a built ``TransformerConfig``; without it one is made from
+    ``hf_to_mcore_config(hf_config, **config_kwargs)`` (``dtype``, ``parallel``, ``override_transformer_config``).
+    ``pre_process`` / ``post_process``: whether this chunk holds the embedding / the output layer
+    (:meth:`McoreLayout.is_first_stage` / :meth:`~McoreLayout.is_last_stage`). The weights are random: load them
+    with the state dicts of :func:`verl.models.mcore.hf_to_mcore_rank` for the same layout
+    (:func:`layout_from_transformer_config`).
+    """
+    import_megatron_core()
+    from megatron.core.models.gpt import GPTModel
+
+    tf_config = transformer_config or make_transformer_config(hf_to_mcore_config(hf_config, **config_kwargs))
+    use_te = _te_available() if use_transformer_engine is None else use_transformer_engine
+    layout = layout_from_transformer_config(tf_config, use_te, make_vocab_size_divisible_by)
+    dims = DecoderDims.from_hf_config(hf_config)
+    if dims.num_kv_heads < layout.tp_size and _megatron_version() < (0, 16):
+        raise ValueError(f"tensor_model_parallel_size={layout.tp_size} > num_key_value_heads={dims.num_kv_heads} "
+                         "needs megatron-core >= 0.16; upgrade it or lower tensor_model_parallel_size")
+    kwargs = get_gpt_model_kwargs(hf_config, layout)
+    kwargs.update(pre_process=pre_process, post_process=post_process)
+    if vp_stage is not None:
+        kwargs["vp_stage"] = vp_stage
+    accepted = inspect.signature(GPTModel.__init__).parameters
+    dropped = [k for k in kwargs if k not in accepted]
+    if dropped and any(k in ("rope_scaling", "vp_stage", "seq_len_interpolation_factor") for k in dropped):
+        raise ValueError(f"this megatron-core's GPTModel does not accept {dropped}; upgrade megatron-core")
+    return GPTModel(config=tf_config,
+                    transformer_layer_spec=get_gpt_layer_spec(tf_config, use_te),
+                    **{
+                        k: v for k, v in kwargs.items() if k in accepted
+                    })
