@@ -38,7 +38,10 @@ extras_require = {
     "gpu": ["flash-attn", "liger-kernel"],
     "math": ["math-verify[antlr4_9_3]"],
     "tracking": ["tensorboard", "wandb", "mlflow", "swanlab"],
-    "test": ["pytest>=8", "hypothesis>=6", "yapf==0.43.0", "pytest-timeout"],
+    "test": [
+        "pytest>=8", "hypothesis>=6", "yapf==0.43.0", "pytest-timeout", "nbclient>=0.10", "nbformat>=5.10",
+        "ipykernel>=6", "matplotlib>=3.8"
+    ],
 }
 
 setup(

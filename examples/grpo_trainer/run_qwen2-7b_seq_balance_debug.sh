@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # A small, quick variant of run_qwen2-7b_seq_balance.sh (GRPO, dynamic batch sizes) for debugging a setup: a few
-# steps on small batches, validation every step on a subset, and every rollout and validation generation dumped as
-# one {step}.jsonl per step (prompt, response, ground truth, score, advantage) under DEBUG_DIR, for
-# notebooks/view_data.ipynb or `head -n 3 $DEBUG_DIR/rollout/1.jsonl`.
+# steps on small batches, validation every step on a subset, and every rollout and validation generation dumped
+# under DEBUG_DIR/{rollout,validation}: one {step}.jsonl per step (prompt and chat messages, response, ground truth,
+# score, reward components, advantage, old/ref log-probs, lengths, uid) plus metrics.jsonl (each step's metrics).
+# The format is documented in verl/utils/rollout_dump.py. Look at it with
+#   VERL_DUMP_DIR=$DEBUG_DIR/rollout jupyter notebook notebooks/view_data.ipynb
+#   python scripts/rollout_viewer.py $DEBUG_DIR/rollout --step 1 --sample 0
 #
 # Data: python examples/data_preprocess/gsm8k.py --local_dir ~/data/gsm8k
 # Every setting below can be changed through the environment, e.g.
@@ -55,6 +58,7 @@ python3 -m verl.trainer.main_ppo \
     data.max_response_length="$MAX_RESPONSE_LENGTH" \
     data.filter_overlong_prompts=True \
     data.truncation=error \
+    data.return_raw_chat=True \
     actor_rollout_ref.model.path="$MODEL_PATH" \
     actor_rollout_ref.model.use_remove_padding=True \
     actor_rollout_ref.model.enable_gradient_checkpointing="$GRADIENT_CHECKPOINTING" \

@@ -20,7 +20,6 @@ step). Recipes subclass the trainer and override ``fit``, ``_validate``, ``_save
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import uuid
 import warnings
@@ -48,6 +47,8 @@ from verl.trainer.ppo.reward import compute_reward, compute_reward_async
 from verl.utils.checkpoint import (atomic_torch_save, find_latest_ckpt_path, should_save_ckpt_esi,
                                    write_latest_checkpointed_iteration)
 from verl.utils.config import cfg_select, need_critic, need_reference_policy, resolve_device
+from verl.utils.rollout_dump import (SAMPLE_FIELDS, batch_sample_records, make_sample_records, write_metrics,
+                                     write_samples)
 from verl.utils.seqlen_balancing import get_seqlen_balanced_partitions, log_seqlen_unbalance
 from verl.utils.timer import marked_timer
 from verl.utils.torch_functional import masked_mean
@@ -244,27 +245,6 @@ _GEN_NON_TENSOR_KEYS = ("raw_prompt_ids", "multi_modal_data", "raw_prompt", "too
 _GEN_TENSOR_KEYS = ("input_ids", "attention_mask", "position_ids")
 # meta_info keys of worker outputs that are reports, not data: they are taken out before a union
 _REPORT_META_KEYS = ("metrics", "timing")
-
-
-def _to_python(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, dict):
-        return {str(k): _to_python(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_python(v) for v in value]
-    return value
-
-
-def _ground_truths(data: DataProto) -> list[Any]:
-    items = data.non_tensor_batch.get("reward_model")
-    if items is None:
-        return [None] * len(data)
-    return [item.get("ground_truth") if isinstance(item, dict) else None for item in items]
 
 
 class RayPPOTrainer:
@@ -524,45 +504,27 @@ class RayPPOTrainer:
 
     def _dump_generations(self, inputs: list[str], outputs: list[str], gts: list[Any], scores: list[float],
                           reward_extra_infos_dict: dict[str, list], dump_path: str) -> None:
-        """Write one json line per sample to ``{dump_path}/{global_steps}.jsonl`` (input, output, gts, score, step
-        and every per-sample extra field)."""
-        os.makedirs(dump_path, exist_ok=True)
-        filename = os.path.join(dump_path, f"{self.global_steps}.jsonl")
-        n = len(inputs)
-        columns: dict[str, list] = {
-            "input": list(inputs),
-            "output": list(outputs),
-            "gts": list(gts),
-            "score": list(scores),
-            "step": [self.global_steps] * n,
-        }
-        for key, values in reward_extra_infos_dict.items():
-            if key not in columns and len(values) == n:
-                columns[key] = list(values)
-        tmp = filename + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for i in range(n):
-                row = {key: _to_python(values[i]) for key, values in columns.items()}
-                f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-        os.replace(tmp, filename)
-        print(f"[verl] dumped {n} generations to {filename}", flush=True)
+        """Write ``{dump_path}/{global_steps}.jsonl``, one sample record per line (the format of
+        :mod:`verl.utils.rollout_dump`): per-sample lists named like a sample field (``uid``, ``advantages``, ...)
+        fill that field, the others are reward components."""
+        fields = {k: v for k, v in reward_extra_infos_dict.items() if k in SAMPLE_FIELDS}
+        extra = {k: v for k, v in reward_extra_infos_dict.items() if k not in SAMPLE_FIELDS}
+        self._write_dump(make_sample_records(self.global_steps, inputs, outputs, gts, scores, extra, fields), dump_path)
+
+    def _write_dump(self, records: list[dict], dump_path: str) -> None:
+        filename = write_samples(dump_path, self.global_steps, records)
+        print(f"[verl] dumped {len(records)} generations to {filename}", flush=True)
 
     def _log_rollout_data(self, batch: DataProto, reward_extra_infos_dict: dict[str, list],
                           timing_raw: dict[str, float], rollout_data_dir: str) -> None:
-        """Dump this step's training rollouts (with their sequence-level advantages) to ``rollout_data_dir``."""
+        """Dump this step's training rollouts (scores, reward components, advantages, log-prob statistics) to
+        ``rollout_data_dir``; the step's metrics follow in its ``metrics.jsonl`` (:mod:`verl.utils.rollout_dump`)."""
         with marked_timer("dump_rollout_generations", timing_raw):
-            inputs = self.tokenizer.batch_decode(batch.batch["prompts"], skip_special_tokens=True)
-            outputs = self.tokenizer.batch_decode(batch.batch["responses"], skip_special_tokens=True)
-            scores = batch.batch["token_level_scores"].sum(-1).cpu().tolist()
-            extra = dict(reward_extra_infos_dict)
-            if "advantages" in batch.batch.keys():
-                mask = batch.batch["response_mask"].to(batch.batch["advantages"].dtype)
-                extra["advantages"] = masked_mean(batch.batch["advantages"], mask, axis=-1).cpu().tolist()
-            if "request_id" in batch.non_tensor_batch:
-                extra.setdefault("request_id", batch.non_tensor_batch["request_id"].tolist())
-            if "uid" in batch.non_tensor_batch:
-                extra.setdefault("uid", batch.non_tensor_batch["uid"].tolist())
-            self._dump_generations(inputs, outputs, _ground_truths(batch), scores, extra, rollout_data_dir)
+            records = batch_sample_records(batch,
+                                           self.tokenizer,
+                                           self.global_steps,
+                                           reward_extra_info=reward_extra_infos_dict)
+            self._write_dump(records, rollout_data_dir)
 
     def _maybe_log_val_generations(self, inputs: list[str], outputs: list[str], scores: list[float]) -> None:
         """Log ``trainer.log_val_generations`` samples (a fixed random choice) as a table to the trackers."""
@@ -586,10 +548,11 @@ class RayPPOTrainer:
         data_sources: list[np.ndarray] = []
         sample_inputs: list[str] = []
         sample_outputs: list[str] = []
-        sample_gts: list[Any] = []
         sample_scores: list[float] = []
         sample_uids: list[str] = []
         extra_infos: dict[str, list] = defaultdict(list)
+        val_data_dir = cfg_select(self.config, "trainer.validation_data_dir")
+        dump_records: list[dict] = []
 
         for test_data in self.val_dataloader:
             test_batch = DataProto.from_single_dict(test_data)
@@ -603,7 +566,6 @@ class RayPPOTrainer:
                 return {}  # model-based rewards are not validated (as upstream)
             sample_inputs.extend(self.tokenizer.batch_decode(test_batch.batch["input_ids"], skip_special_tokens=True))
             sample_uids.extend(test_batch.non_tensor_batch["uid"].tolist())
-            sample_gts.extend(_ground_truths(test_batch))
 
             test_gen_batch = self._get_gen_batch(test_batch)
             test_gen_batch.meta_info = {
@@ -624,20 +586,24 @@ class RayPPOTrainer:
             extra_infos["reward"].extend(scores)
             for key, values in extra.items():
                 extra_infos[key].extend(values)
+            if val_data_dir:
+                dump_records.extend(batch_sample_records(test_batch, self.tokenizer, self.global_steps, scores, extra))
             sources = test_batch.non_tensor_batch.get("data_source")
             data_sources.append(sources if sources is not None else np.array(["unknown"] * len(scores), dtype=object))
 
         self._maybe_log_val_generations(sample_inputs, sample_outputs, sample_scores)
         total = len(sample_scores)
         extra_infos = {k: v for k, v in extra_infos.items() if len(v) == total}
-        val_data_dir = cfg_select(self.config, "trainer.validation_data_dir")
         if val_data_dir:
-            self._dump_generations(sample_inputs, sample_outputs, sample_gts, sample_scores, extra_infos, val_data_dir)
+            self._write_dump(dump_records, val_data_dir)
         if total == 0:
             return {}
         sources = np.concatenate(data_sources, axis=0).tolist()
         per_source = process_validation_metrics(sources, sample_uids, extra_infos)
-        return flatten_validation_metrics(per_source)
+        val_metrics = flatten_validation_metrics(per_source)
+        if val_data_dir:
+            write_metrics(val_data_dir, self.global_steps, val_metrics)
+        return val_metrics
 
     # ------------------------------------------------------------------------------------------ checkpoints ----
     def _checkpoint_root(self) -> str:
@@ -918,6 +884,8 @@ class RayPPOTrainer:
                 if hasattr(sampler, "update") and callable(sampler.update):
                     sampler.update(batch=batch)  # curriculum samplers reorder the data from what was learned
 
+                if rollout_data_dir:
+                    write_metrics(str(rollout_data_dir), self.global_steps, metrics)
                 self.logger.log(data=metrics, step=self.global_steps)
                 progress_bar.update(1)
                 self.global_steps += 1
