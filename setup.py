@@ -26,6 +26,7 @@ install_requires = [
     "dill",
     "tqdm",
     "psutil",
+    "aiohttp",
     "packaging",
     "torchdata>=0.8",
 ]

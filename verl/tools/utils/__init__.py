@@ -1,0 +1,1 @@
+"""Tool helpers: the tool config registry."""
