@@ -180,11 +180,63 @@ def test_mesh_and_dtype_errors():
     assert to_torch_dtype(None, torch.float16) is torch.float16
 
 
-def test_liger_without_the_package_is_a_clear_error():
+def test_liger_errors_are_clear():
+    """use_liger on CPU says that it needs CUDA (liger-kernel installs on CPU, but its Triton kernels fail at the first
+    forward with "0 active drivers"); on CUDA without the package, that it must be installed."""
+    from verl.utils.device import is_cuda_available
+
+    if not is_cuda_available():
+        with pytest.raises(RuntimeError, match="use_liger=True needs a CUDA GPU"):
+            apply_liger_kernel(torch.nn.Linear(2, 2))
+        return
     try:
         import liger_kernel  # noqa: F401
-        pytest.skip("liger-kernel is installed")
     except ImportError:
-        pass
-    with pytest.raises(ImportError, match="use_liger"):
-        apply_liger_kernel(torch.nn.Linear(2, 2))
+        with pytest.raises(ImportError, match="use_liger"):
+            apply_liger_kernel(torch.nn.Linear(2, 2))
+        return
+    pytest.skip("liger-kernel is installed on CUDA: test_liger_log_probs_equal_plain_on_cuda covers it")
+
+
+def _liger_available() -> bool:
+    from verl.utils.device import is_cuda_available
+
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return False
+    return is_cuda_available()
+
+
+@pytest.mark.skipif(not _liger_available(), reason="needs CUDA and liger-kernel")
+def test_liger_log_probs_equal_plain_on_cuda():
+    """The actor's log-probs and entropies with liger's kernels equal the plain model's (fp32, atol 1e-4)."""
+    from omegaconf import OmegaConf
+
+    from verl.protocol import DataProto
+    from verl.workers.actor import DataParallelPPOActor
+
+    def model():
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(_config(), attn_implementation="sdpa").cuda()
+
+    plain, liger = model(), model()
+    apply_liger_kernel(liger)
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(1, 200, (4, 12), generator=g)
+    attention_mask = torch.ones(4, 12, dtype=torch.long)
+    attention_mask[0, :3] = 0
+    attention_mask[1, -2:] = 0
+    data = DataProto.from_dict(tensors={
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": torch.clamp(attention_mask.cumsum(-1) - 1, min=0),
+        "responses": input_ids[:, -5:],
+    },
+                               meta_info={"micro_batch_size": 2})
+    for rmpad in (False, True):
+        config = OmegaConf.create({"use_remove_padding": rmpad})
+        expected = DataParallelPPOActor(config, plain).compute_log_prob(data, calculate_entropy=True)
+        got = DataParallelPPOActor(config, liger).compute_log_prob(data, calculate_entropy=True)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

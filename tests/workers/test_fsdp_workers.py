@@ -377,6 +377,88 @@ def test_reward_model_scores_the_last_valid_response_token(critic_rm, before_upd
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Ulysses sequence parallelism: sp=2 over the 2 ranks
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _hf_value_model(path):
+    """The critic's initial model as CriticWorker builds it (1-label head initialised under seed 0)."""
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    cfg = AutoConfig.from_pretrained(path)
+    cfg.num_labels, cfg.classifier_dropout = 1, 0.0
+    torch.manual_seed(0)
+    return AutoModelForTokenClassification.from_pretrained(path,
+                                                           config=cfg,
+                                                           dtype=torch.float32,
+                                                           attn_implementation="sdpa").eval()
+
+
+def test_ulysses_sequence_parallel_workers(pool, config, prompts, before_update, after_update, hf_model, paths):
+    """Actor/rollout/ref and critic fused per rank, both with sp=2 (dp=1): the two ranks get the same rows and only
+    sp rank 0 is collected; log-probs, ref log-probs and values equal the HF models', and the same GRPO update as
+    the sp=1 group (same mini-batches) lands on the same log-probs."""
+    from verl.workers.critic import DataParallelPPOCritic
+
+    sp_config = OmegaConf.merge(
+        config, {
+            "actor_rollout_ref": {
+                "actor": {
+                    "ulysses_sequence_parallel_size": WORLD
+                }
+            },
+            "critic": {
+                "ulysses_sequence_parallel_size": WORLD,
+                "model": {
+                    "use_remove_padding": True
+                }
+            },
+        })
+    fused = create_colocated_worker_cls({
+        "actor": RayClassWithInitArgs(ActorRolloutRefWorker, sp_config.actor_rollout_ref, "actor_rollout_ref"),
+        "critic": RayClassWithInitArgs(CriticWorker, config=sp_config.critic),
+    })
+    group = RayWorkerGroup(pool, fused)
+    try:
+        groups = group.spawn(prefix_set={"actor", "critic"})
+        actor, critic = groups["actor"], groups["critic"]
+        actor.init_model()
+        critic.init_model()
+        gen = before_update.gen
+        mask = gen.batch["response_mask"].bool()
+
+        old = actor.compute_log_prob(gen)
+        assert old.batch["old_log_probs"].shape == (PROMPTS * N, RESPONSE_LEN)  # one copy of the rows
+        torch.testing.assert_close(old.batch["old_log_probs"][mask],
+                                   _hf_log_probs(hf_model, gen)[mask],
+                                   atol=TOL,
+                                   rtol=0)
+        torch.testing.assert_close(actor.compute_ref_log_prob(gen).batch["ref_log_prob"][mask],
+                                   old.batch["old_log_probs"][mask],
+                                   atol=1e-5,
+                                   rtol=0)
+
+        # the sp=1 group split each mini-batch over 2 ranks: rows {0,1,4,5}, then {2,3,6,7}; give dp=1 the same
+        order = [0, 1, 4, 5, 2, 3, 6, 7]
+        metrics = actor.update_actor(after_update.data.select_idxs(order)).meta_info["metrics"]
+        assert np.isfinite(np.asarray(metrics["actor/grad_norm"], dtype=float)).all()
+        new = actor.compute_log_prob(gen).batch["old_log_probs"]
+        torch.testing.assert_close(new[mask], after_update.new.batch["old_log_probs"][mask], atol=TOL, rtol=0)
+
+        # the rollout keeps one data-parallel rank per rank
+        assert len(actor.generate_sequences(prompts.select(deepcopy=True))) == PROMPTS * N
+
+        values = critic.compute_values(gen).batch["values"]
+        local = DataParallelPPOCritic(OmegaConf.create({"use_remove_padding": True}), _hf_value_model(paths.lm))
+        expected = local.compute_values(DataProto(batch=gen.batch, meta_info={"micro_batch_size": 8}))
+        torch.testing.assert_close(values, expected, atol=TOL, rtol=0)
+        data = gen.select().union(DataProto.from_dict(tensors={"values": values, "returns": 0.5 * mask.float()}))
+        assert np.isfinite(critic.update_critic(data).meta_info["metrics"]["critic/vf_loss"]).all()
+    finally:
+        group.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # without Ray: checks that run before any process group or model exists
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -390,8 +472,31 @@ def test_bad_role_strategy_and_unsupported_options_are_rejected_up_front(config)
     bad = OmegaConf.merge(config.actor_rollout_ref, {"model": {"lora_rank": 8}})
     with pytest.raises(NotImplementedError, match="lora_rank"):
         ActorRolloutRefWorker(bad, "actor_rollout")
-    with pytest.raises(NotImplementedError, match="ulysses_sequence_parallel_size"):
+    # Ulysses sequence parallelism splits the packed (remove-padding) sequence
+    with pytest.raises(ValueError, match="critic.ulysses_sequence_parallel_size=2 .*critic.model.use_remove_padding"):
         CriticWorker(OmegaConf.merge(config.critic, {"ulysses_sequence_parallel_size": 2}))
+    bad = OmegaConf.merge(config.actor_rollout_ref, {
+        "model": {
+            "use_remove_padding": False
+        },
+        "actor": {
+            "ulysses_sequence_parallel_size": 2
+        }
+    })
+    with pytest.raises(ValueError, match="actor.ulysses_sequence_parallel_size=2 .*model.use_remove_padding"):
+        ActorRolloutRefWorker(bad, "actor")
+    bad = OmegaConf.merge(config.actor_rollout_ref, {
+        "actor": {
+            "ulysses_sequence_parallel_size": 2
+        },
+        "ref": {
+            "ulysses_sequence_parallel_size": 1
+        }
+    })
+    with pytest.raises(ValueError, match="ref.ulysses_sequence_parallel_size=1 differ"):
+        ActorRolloutRefWorker(bad, "actor_rollout_ref")
+    with pytest.raises(NotImplementedError, match="reward_model.ulysses_sequence_parallel_size=2"):
+        RewardModelWorker(OmegaConf.merge(config.reward_model, {"ulysses_sequence_parallel_size": 2}))
 
 
 def test_reward_model_rerenders_the_conversation_for_its_own_tokenizer(paths):

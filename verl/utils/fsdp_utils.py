@@ -504,8 +504,13 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 def apply_liger_kernel(model: nn.Module) -> None:
     """Swap in liger-kernel's fused Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy).
 
-    Raises a clear error when liger-kernel is not installed (it needs CUDA and Triton).
+    Raises a clear error on CPU (liger-kernel installs there, but its Triton kernels need a GPU driver and fail at the
+    first forward with "0 active drivers") and when liger-kernel is not installed.
     """
+    if not is_cuda_available():
+        raise RuntimeError("model.use_liger=True needs a CUDA GPU: liger-kernel's fused kernels are Triton GPU kernels "
+                           "and cannot run on CPU; set actor_rollout_ref.model.use_liger=False (the plain "
+                           "transformers modules compute the same)")
     try:
         from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
     except ImportError as exc:

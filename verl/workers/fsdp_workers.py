@@ -18,12 +18,15 @@ method                                     dispatch                   returns
 ``save_checkpoint`` / ``load_checkpoint``  ONE_TO_ALL                 None
 =========================================  =========================  ============================================
 
-Every rank is one data-parallel rank of its mesh (FSDP2 shards parameters over all ranks; no tensor or sequence
-parallelism), so the n-d mesh modes behave like ``DP_COMPUTE_PROTO``; they are used so that fused roles and future
-parallel layouts keep one dispatch contract.
+FSDP2 shards parameters over all ranks. Without sequence parallelism every rank is one data-parallel rank of its
+mesh, so the n-d mesh modes behave like ``DP_COMPUTE_PROTO``. With ``ulysses_sequence_parallel_size = sp > 1``
+(actor, reference, critic) the ranks form a ``(dp, sp)`` mesh: the ``"actor"`` / ``"critic"`` meshes declare
+``dp_rank = rank // sp`` and collect only sp rank 0, so the sp ranks of a group receive the same rows and split
+their packed tokens (Ulysses, :mod:`verl.utils.ulysses`) inside :class:`FSDPUlyssesShardingManager`; the rollout
+mesh stays one dp rank per rank.
 
-Batch sizes follow verl: ``ppo_mini_batch_size`` counts prompts for the whole group and becomes rows per rank
-(``* rollout.n // dp_size``) in ``__init__``; the deprecated global ``*_micro_batch_size`` become
+Batch sizes follow verl: ``ppo_mini_batch_size`` counts prompts for the whole group and becomes rows per dp rank
+(``* rollout.n // dp_size``, ``dp_size = world_size // sp``) in ``__init__``; the deprecated global ``*_micro_batch_size`` become
 ``*_micro_batch_size_per_gpu``. The same code runs on CPU (gloo, fp32) and CUDA (NCCL, bf16 compute).
 """
 from __future__ import annotations
@@ -47,6 +50,7 @@ from verl.single_controller.base import Worker
 from verl.single_controller.base.decorator import Dispatch, make_nd_compute_dataproto_dispatch_fn, register
 from verl.utils.device import (get_device, get_device_name, get_nccl_backend, get_torch_device, is_cuda_available)
 from verl.utils.dp_update import cfg_get
+from verl.utils.ulysses import check_ulysses_config
 from verl.workers.config_helpers import (build_lr_scheduler, build_optimizer, detach_config, import_external_libs,
                                          load_generation_config, load_tokenizer, normalize_micro_batch,
                                          normalize_ppo_mini_batch, update_model_config)
@@ -130,13 +134,23 @@ def _check_strategy(strategy: Any, key: str) -> None:
                          f"{' or '.join(_FSDP_STRATEGIES)}, or the Megatron workers for strategy=megatron")
 
 
-def _check_unsupported(model_config: Any, sp_size: Any, where: str) -> None:
+def _check_unsupported(model_config: Any, where: str) -> None:
     if int(cfg_get(model_config, "lora_rank", 0) or 0) > 0:
         raise NotImplementedError(f"{where}.model.lora_rank > 0 (LoRA) is not supported by the FSDP workers; set "
                                   f"{where}.model.lora_rank=0")
-    if int(sp_size or 1) != 1:
-        raise NotImplementedError(f"ulysses_sequence_parallel_size={sp_size} is not supported by the FSDP workers; "
-                                  "set it to 1")
+
+
+def _ulysses_layout(worker: Worker, sp_size: int, mesh_name: str) -> None:
+    """The ``(dp, sp)`` layout of a role: ``ulysses_device_mesh`` and its sharding manager, ``dp_size``, and the
+    dispatch info of ``mesh_name`` (the sp ranks of one dp group get the same rows; sp rank 0 is collected)."""
+    from verl.workers.sharding_manager.fsdp_ulysses import (FSDPUlyssesShardingManager, create_ulysses_device_mesh)
+
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    worker.ulysses_sequence_parallel_size = sp_size
+    worker.ulysses_device_mesh = create_ulysses_device_mesh(world_size, sp_size)
+    worker.ulysses_sharding_manager = FSDPUlyssesShardingManager(worker.ulysses_device_mesh)
+    worker.dp_size = world_size // sp_size
+    worker._register_dispatch_collect_info(mesh_name, dp_rank=rank // sp_size, is_collect=rank % sp_size == 0)
 
 
 def _mixed_precision_policy(fsdp_config: Any) -> Any:
@@ -155,7 +169,9 @@ def build_fsdp_model(model_path: str,
                      extra_config: dict[str, Any] | None = None,
                      enable_gradient_checkpointing: bool = False,
                      use_liger: bool = False,
-                     train: bool = True) -> tuple[torch.nn.Module, Any]:
+                     train: bool = True,
+                     ulysses_sp_size: int = 1,
+                     use_remove_padding: bool = False) -> tuple[torch.nn.Module, Any]:
     """Load a Hugging Face model and shard it with FSDP2 over ``device_mesh``; returns ``(module, hf_config)``.
 
     Rank 0 reads the weights, the other ranks build the model on the meta device and receive their shards from rank
@@ -164,7 +180,9 @@ def build_fsdp_model(model_path: str,
     (``model.override_config``) update the transformers config; ``override_config.attn_implementation`` picks the
     attention kernel (default ``sdpa``). ``fsdp_config`` keys read: ``model_dtype`` (master weights, default fp32),
     ``mixed_precision.{param_dtype,reduce_dtype}``, ``offload_policy`` (FSDP2 CPU offload, accelerators only),
-    ``reshard_after_forward``, ``wrap_policy.transformer_layer_cls_to_wrap``.
+    ``reshard_after_forward``, ``wrap_policy.transformer_layer_cls_to_wrap``. ``ulysses_sp_size`` > 1 patches the
+    attention for Ulysses sequence parallelism (:func:`verl.models.transformers.apply_monkey_patch`; needs
+    ``use_remove_padding``, and heads divisible by the sp size).
     """
     from transformers import AutoConfig
 
@@ -199,6 +217,10 @@ def build_fsdp_model(model_path: str,
         full_state = None
     if train:
         module.config.use_cache = False
+    if ulysses_sp_size > 1:
+        from verl.models.transformers.monkey_patch import apply_monkey_patch
+
+        apply_monkey_patch(module, ulysses_sp_size=ulysses_sp_size, use_remove_padding=use_remove_padding)
     if enable_gradient_checkpointing:
         enable_gc(module)
     if use_liger:
@@ -295,17 +317,16 @@ class ActorRolloutRefWorker(Worker):
         self._is_rollout = role in ("rollout", "actor_rollout", "actor_rollout_ref")
         self._is_ref = role in ("ref", "actor_rollout_ref")
         _check_strategy(cfg_get(self.config, "actor.strategy"), "actor_rollout_ref.actor.strategy")
-        _check_unsupported(self.config.get("model"), cfg_get(self.config, "actor.ulysses_sequence_parallel_size", 1),
-                           "actor_rollout_ref")
+        _check_unsupported(self.config.get("model"), "actor_rollout_ref")
+        sp_size = self._ulysses_size()
 
         init_distributed(float(self.config.get("nccl_timeout", 600) or 600))
         from verl.utils.fsdp_utils import create_device_mesh
 
         world_size = dist.get_world_size()
         self.device_mesh = create_device_mesh(world_size, int(cfg_get(self.config, "actor.fsdp_config.fsdp_size", -1)))
-        self.dp_size = world_size
-        # every rank is its own data-parallel rank for training and for the HF rollout (no tensor parallelism)
-        self._register_dispatch_collect_info("actor", dp_rank=dist.get_rank(), is_collect=True)
+        # actor / ref: (dp, sp) layout; the HF rollout: every rank is its own data-parallel rank
+        _ulysses_layout(self, sp_size, "actor")
         self._register_dispatch_collect_info("rollout", dp_rank=dist.get_rank(), is_collect=True)
 
         actor_fsdp = cfg_get(self.config, "actor.fsdp_config", {})
@@ -338,6 +359,25 @@ class ActorRolloutRefWorker(Worker):
         self.flops_counter = None
         self.tokenizer = None
         self.generation_config = None
+
+    def _ulysses_size(self) -> int:
+        """The sp size of the actor (or of the reference policy on a ``ref`` worker); both share the ``"actor"``
+        dispatch mesh, so they must agree."""
+        use_remove_padding = bool(cfg_get(self.config, "model.use_remove_padding", False))
+        sizes = {}
+        if self._is_actor:
+            sizes["actor"] = int(cfg_get(self.config, "actor.ulysses_sequence_parallel_size", 1))
+        if self._is_ref:
+            sizes["ref"] = int(cfg_get(self.config, "ref.ulysses_sequence_parallel_size", sizes.get("actor", 1)))
+        for name, size in sizes.items():
+            check_ulysses_config(size, use_remove_padding, f"actor_rollout_ref.{name}.ulysses_sequence_parallel_size",
+                                 "actor_rollout_ref.model.use_remove_padding")
+        if len(set(sizes.values())) > 1:
+            raise ValueError(
+                f"actor_rollout_ref.actor.ulysses_sequence_parallel_size={sizes['actor']} and "
+                f"actor_rollout_ref.ref.ulysses_sequence_parallel_size={sizes['ref']} differ, but the actor "
+                "and the reference policy of one worker share its (dp, sp) layout; set them equal")
+        return max(sizes.values(), default=1)
 
     # --------------------------------------------------------------------------------------------------- build ---
     def _model_kwargs(self) -> dict[str, Any]:
@@ -376,6 +416,8 @@ class ActorRolloutRefWorker(Worker):
                 bool(model_cfg.get("enable_gradient_checkpointing", False)),
                 use_liger=bool(model_cfg.get("use_liger", False)),
                 train=self._is_actor,
+                ulysses_sp_size=self.ulysses_sequence_parallel_size if self._is_actor else 1,
+                use_remove_padding=use_remove_padding,
                 **self._model_kwargs())
             self.hf_config = hf_config
             if self._is_actor:
@@ -407,8 +449,11 @@ class ActorRolloutRefWorker(Worker):
                                                        self.device_mesh,
                                                        fsdp_config=ref_cfg.get("fsdp_config", {}),
                                                        train=False,
+                                                       ulysses_sp_size=self.ulysses_sequence_parallel_size,
+                                                       use_remove_padding=use_remove_padding,
                                                        **self._model_kwargs())
             _with_key(ref_cfg, "use_remove_padding", use_remove_padding)
+            _with_key(ref_cfg, "ulysses_sequence_parallel_size", self.ulysses_sequence_parallel_size)
             self.ref_policy = DataParallelPPOActor(config=ref_cfg, actor_module=self.ref_module_fsdp)
             if self._is_offload_ref_param:
                 offload_fsdp_model_to_cpu(self.ref_module_fsdp)
@@ -515,7 +560,8 @@ class ActorRolloutRefWorker(Worker):
         if self._is_offload_param:
             load_fsdp_model_to_gpu(self.actor_module_fsdp)
         try:
-            log_probs, entropys = self.actor.compute_log_prob(data=data, calculate_entropy=True)
+            with self.ulysses_sharding_manager:
+                log_probs, entropys = self.actor.compute_log_prob(data=data, calculate_entropy=True)
         finally:
             if self._is_offload_param:
                 offload_fsdp_model_to_cpu(self.actor_module_fsdp)
@@ -537,7 +583,8 @@ class ActorRolloutRefWorker(Worker):
         if self._is_offload_ref_param:
             load_fsdp_model_to_gpu(self.ref_module_fsdp)
         try:
-            log_probs, _ = self.ref_policy.compute_log_prob(data=data, calculate_entropy=False)
+            with self.ulysses_sharding_manager:
+                log_probs, _ = self.ref_policy.compute_log_prob(data=data, calculate_entropy=False)
         finally:
             if self._is_offload_ref_param:
                 offload_fsdp_model_to_cpu(self.ref_module_fsdp)
@@ -572,7 +619,8 @@ class ActorRolloutRefWorker(Worker):
         data.meta_info.setdefault("temperature", float(cfg_get(self.config, "rollout.temperature", 1.0)))
         try:
             start = time.perf_counter()
-            metrics: dict[str, Any] = dict(self.actor.update_policy(data=data))
+            with self.ulysses_sharding_manager:
+                metrics: dict[str, Any] = dict(self.actor.update_policy(data=data))
             delta_time = time.perf_counter() - start
             metrics["perf/mfu/actor"] = _mfu(self.flops_counter, data, delta_time,
                                              int(cfg_get(self.config, "actor.ppo_epochs", 1)), self.world_size)
@@ -633,14 +681,16 @@ class CriticWorker(Worker):
         super().__init__()
         self.config = detach_config(config)
         _check_strategy(self.config.get("strategy"), "critic.strategy")
-        _check_unsupported(self.config.get("model"), self.config.get("ulysses_sequence_parallel_size", 1), "critic")
+        _check_unsupported(self.config.get("model"), "critic")
+        sp_size = int(self.config.get("ulysses_sequence_parallel_size", 1) or 1)
+        check_ulysses_config(sp_size, self._use_remove_padding(), "critic.ulysses_sequence_parallel_size",
+                             "critic.model.use_remove_padding")
         init_distributed(float(self.config.get("nccl_timeout", 600) or 600))
         from verl.utils.fsdp_utils import create_device_mesh
 
         world_size = dist.get_world_size()
         self.device_mesh = create_device_mesh(world_size, int(cfg_get(self.config, "model.fsdp_config.fsdp_size", -1)))
-        self.dp_size = world_size
-        self._register_dispatch_collect_info("critic", dp_rank=dist.get_rank(), is_collect=True)
+        _ulysses_layout(self, sp_size, "critic")
 
         fsdp = cfg_get(self.config, "model.fsdp_config", {})
         uses_offload_policy = bool(cfg_get(fsdp, "offload_policy", False))
@@ -656,6 +706,11 @@ class CriticWorker(Worker):
         self.critic_lr_scheduler = None
         self.checkpoint_manager = None
         self.flops_counter = None
+
+    def _use_remove_padding(self) -> bool:
+        return bool(
+            cfg_get(self.config, "model.use_remove_padding", False) or
+            cfg_get(self.config, "use_remove_padding", False))
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def init_model(self) -> None:
@@ -687,7 +742,9 @@ class CriticWorker(Worker):
                                                          },
                                                          enable_gradient_checkpointing=bool(
                                                              model_cfg.get("enable_gradient_checkpointing", False)),
-                                                         train=True)
+                                                         train=True,
+                                                         ulysses_sp_size=self.ulysses_sequence_parallel_size,
+                                                         use_remove_padding=self._use_remove_padding())
         self.critic_optimizer = build_optimizer(self.critic_module.parameters(), self.config.optim)
         self.critic_lr_scheduler = build_lr_scheduler(self.critic_optimizer, self.config.optim)
         self.critic = DataParallelPPOCritic(config=self.config,
@@ -726,7 +783,8 @@ class CriticWorker(Worker):
         if self._is_offload_param:
             load_fsdp_model_to_gpu(self.critic_module)
         try:
-            values = self.critic.compute_values(data=data)
+            with self.ulysses_sharding_manager:
+                values = self.critic.compute_values(data=data)
         finally:
             if self._is_offload_param:
                 offload_fsdp_model_to_cpu(self.critic_module)
@@ -747,7 +805,8 @@ class CriticWorker(Worker):
             load_fsdp_optimizer(self.critic_optimizer)
         try:
             start = time.perf_counter()
-            metrics: dict[str, Any] = dict(self.critic.update_critic(data=data))
+            with self.ulysses_sharding_manager:
+                metrics: dict[str, Any] = dict(self.critic.update_critic(data=data))
             delta_time = time.perf_counter() - start
             metrics["perf/mfu/critic"] = _mfu(self.flops_counter, data, delta_time,
                                               int(self.config.get("ppo_epochs", 1) or 1), self.world_size)
@@ -827,8 +886,11 @@ class RewardModelWorker(Worker):
         super().__init__()
         self.config = detach_config(config)
         _check_strategy(self.config.get("strategy"), "reward_model.strategy")
-        _check_unsupported(self.config.get("model"), self.config.get("ulysses_sequence_parallel_size", 1),
-                           "reward_model")
+        _check_unsupported(self.config.get("model"), "reward_model")
+        rm_sp = int(self.config.get("ulysses_sequence_parallel_size", 1) or 1)
+        if rm_sp != 1:
+            raise NotImplementedError(f"reward_model.ulysses_sequence_parallel_size={rm_sp}: the reward model worker "
+                                      "has no sequence parallelism; set reward_model.ulysses_sequence_parallel_size=1")
         init_distributed(float(self.config.get("nccl_timeout", 600) or 600))
         from verl.utils.fsdp_utils import create_device_mesh
 

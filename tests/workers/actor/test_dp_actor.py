@@ -235,8 +235,8 @@ def test_grad_clip_bounds_the_update():
 
 
 def test_clear_errors():
-    with pytest.raises(NotImplementedError, match="ulysses_sequence_parallel_size"):
-        DataParallelPPOActor(_config(ulysses_sequence_parallel_size=2), _model())
+    with pytest.raises(ValueError, match="ulysses_sequence_parallel_size=2 .*use_remove_padding=True"):
+        DataParallelPPOActor(_config(ulysses_sequence_parallel_size=2), _model())  # Ulysses splits packed sequences
     model = _model()
     actor = DataParallelPPOActor(_config(use_kl_loss=True), model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(KeyError, match="ref_log_prob"):

@@ -6,7 +6,10 @@ KL loss against the reference policy, gradient clipping with a skipped step on a
 
 Config: an omegaconf DictConfig (or dict / dataclass) with verl's ``actor_rollout_ref.actor.*`` key names; the
 worker has already turned ``ppo_mini_batch_size`` into rows per GPU. ``use_remove_padding`` (upstream under
-``actor_rollout_ref.model``) is read from this config too.
+``actor_rollout_ref.model``) is read from this config too. With ``ulysses_sequence_parallel_size`` > 1 (needs
+``use_remove_padding``) the forward runs under the worker's Ulysses context: the ranks of an sp group get the same
+rows, each runs the model on its slice of the packed tokens, and the log-probs are all-gathered
+(:mod:`verl.utils.ulysses`); token budgets of dynamic batching are per rank, so a micro-batch holds ``sp`` times more.
 
 Losses are weighted so that the gradient equals that of the loss aggregated over the whole mini-batch on all ranks,
 whatever the micro-batching (see :mod:`verl.utils.dp_update`).
@@ -25,6 +28,7 @@ from verl.utils.dp_update import (append_to_dict, cfg_get, device_of, get_dp_inf
                                   loss_weight_context, micro_batch_weight, split_micro_batches, to_float)
 from verl.utils.remove_padding import forward_response_positions, scatter_to_response
 from verl.utils.seqlen_balancing import prepare_dynamic_batch, restore_dynamic_batch
+from verl.utils.ulysses import check_ulysses_config, check_ulysses_group, ulysses_forward_response_positions
 from verl.workers.actor.base import BasePPOActor
 
 __all__ = ["DataParallelPPOActor", "logprobs_and_entropy_from_logits"]
@@ -79,11 +83,10 @@ class DataParallelPPOActor(BasePPOActor):
         self.actor_module = actor_module
         self.actor_optimizer = actor_optimizer
         self.use_remove_padding = bool(cfg_get(config, "use_remove_padding", False))
-        sp_size = int(cfg_get(config, "ulysses_sequence_parallel_size", 1))
-        if sp_size != 1:
-            raise NotImplementedError(
-                f"ulysses_sequence_parallel_size={sp_size} is not supported by "
-                "DataParallelPPOActor; set actor_rollout_ref.actor.ulysses_sequence_parallel_size=1")
+        self.ulysses_sequence_parallel_size = int(cfg_get(config, "ulysses_sequence_parallel_size", 1))
+        check_ulysses_config(self.ulysses_sequence_parallel_size, self.use_remove_padding,
+                             "actor_rollout_ref.actor.ulysses_sequence_parallel_size",
+                             "actor_rollout_ref.model.use_remove_padding")
         self.num_skipped_steps = 0
         self._shuffle_generator = torch.Generator()
         self._shuffle_generator.manual_seed(int(cfg_get(config, "data_loader_seed", 0) or 0))
@@ -98,6 +101,9 @@ class DataParallelPPOActor(BasePPOActor):
         at positions that are padding."""
         device = device_of(self.actor_module)
         responses = micro_batch["responses"].to(device)
+        if self.ulysses_sequence_parallel_size > 1:
+            return self._forward_micro_batch_ulysses(micro_batch, responses, temperature, calculate_entropy,
+                                                     entropy_grad)
         logits, selected = forward_response_positions(self.actor_module,
                                                       micro_batch["input_ids"].to(device),
                                                       micro_batch["attention_mask"].to(device),
@@ -113,6 +119,34 @@ class DataParallelPPOActor(BasePPOActor):
         log_probs = scatter_to_response(log_probs, selected)
         if entropy is not None:
             entropy = scatter_to_response(entropy, selected)
+        return entropy, log_probs
+
+    def _forward_micro_batch_ulysses(self, micro_batch: Any, responses: torch.Tensor, temperature: float,
+                                     calculate_entropy: bool,
+                                     entropy_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """:meth:`_forward_micro_batch` with Ulysses: this rank runs the model on its slice of the packed tokens,
+        computes log-probs (and entropies) there and all-gathers them over the sp group."""
+
+        def head(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            if temperature != 1.0:
+                logits = logits / temperature
+            log_probs, entropy = logprobs_and_entropy_from_logits(logits,
+                                                                  labels,
+                                                                  calculate_entropy=calculate_entropy,
+                                                                  entropy_grad=entropy_grad)
+            return log_probs[:, None] if entropy is None else torch.stack([log_probs, entropy], dim=-1)
+
+        check_ulysses_group(self.ulysses_sequence_parallel_size)
+        device = responses.device
+        results, selected = ulysses_forward_response_positions(self.actor_module,
+                                                               micro_batch["input_ids"].to(device),
+                                                               micro_batch["attention_mask"].to(device),
+                                                               micro_batch["position_ids"].to(device),
+                                                               response_length=responses.shape[-1],
+                                                               head_fn=head,
+                                                               responses=responses)
+        log_probs = scatter_to_response(results[:, 0], selected)
+        entropy = scatter_to_response(results[:, 1], selected) if calculate_entropy else None
         return entropy, log_probs
 
     @staticmethod
@@ -141,8 +175,10 @@ class DataParallelPPOActor(BasePPOActor):
                 raise KeyError("compute_log_prob with use_dynamic_bsz needs meta_info['max_token_len'] (set "
                                "log_prob_max_token_len_per_gpu)")
             dp = get_dp_info(self.actor_module)
+            # each sp rank holds 1/sp of a micro-batch's tokens
             micro_batches, batch_idx = prepare_dynamic_batch(selected,
-                                                             max_token_len=int(max_token_len),
+                                                             max_token_len=int(max_token_len) *
+                                                             self.ulysses_sequence_parallel_size,
                                                              dp_group=dp.group,
                                                              same_micro_num_in_dp=dp.size > 1)
         else:
@@ -206,6 +242,7 @@ class DataParallelPPOActor(BasePPOActor):
         if s["use_dynamic_bsz"] and not s["max_token_len"]:
             raise ValueError("actor.use_dynamic_bsz=True needs actor.ppo_max_token_len_per_gpu")
         mini_batch_size = int(s["mini_batch_size"])
+        max_token_len = int(s["max_token_len"]) * self.ulysses_sequence_parallel_size if s["use_dynamic_bsz"] else None
 
         self._require_keys(data, list(_FORWARD_KEYS) + ["advantages"], "update_policy")
         available = set(data.batch.keys())
@@ -241,7 +278,7 @@ class DataParallelPPOActor(BasePPOActor):
             for mini_batch in epoch_data.split(mini_batch_size):
                 global_units = loss_weight_context(mini_batch.batch["response_mask"], mode, dp)
                 micro_batches = split_micro_batches(mini_batch, s["use_dynamic_bsz"], s["micro_batch_size"],
-                                                    s["max_token_len"], dp)
+                                                    max_token_len, dp)
                 self.actor_optimizer.zero_grad(set_to_none=True)
                 for micro in micro_batches:
                     mb = micro.batch.to(device_of(self.actor_module))

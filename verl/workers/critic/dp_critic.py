@@ -7,7 +7,9 @@ weighting, gradient clipping and skipped-step rule as the actor (:mod:`verl.util
 
 Config: verl's ``critic.*`` key names (``ppo_mini_batch_size`` already per GPU, ``ppo_micro_batch_size_per_gpu``,
 ``use_dynamic_bsz``, ``ppo_max_token_len_per_gpu``, ``ppo_epochs``, ``shuffle``, ``grad_clip``,
-``cliprange_value``, ``loss_agg_mode``, ``use_remove_padding`` (upstream under ``critic.model``)).
+``cliprange_value``, ``loss_agg_mode``, ``use_remove_padding`` (upstream under ``critic.model``),
+``ulysses_sequence_parallel_size`` (> 1 needs remove-padding and the worker's Ulysses context, see
+:mod:`verl.utils.ulysses`)).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from verl.utils.dp_update import (append_to_dict, cfg_get, device_of, get_dp_inf
                                   loss_weight_context, micro_batch_weight, split_micro_batches, to_float)
 from verl.utils.remove_padding import forward_response_positions, scatter_to_response
 from verl.utils.seqlen_balancing import prepare_dynamic_batch, restore_dynamic_batch
+from verl.utils.ulysses import check_ulysses_config, check_ulysses_group, ulysses_forward_response_positions
 from verl.workers.critic.base import BasePPOCritic
 
 __all__ = ["DataParallelPPOCritic"]
@@ -36,6 +39,16 @@ def _response_mask(batch: Any) -> torch.Tensor:
     return batch["attention_mask"][:, -batch["responses"].shape[-1]:]
 
 
+def _one_value(values: torch.Tensor) -> torch.Tensor:
+    """``(n,)`` values from the model's ``(n, 1)`` (or ``(n,)``) per-position outputs."""
+    if values.dim() == 2:
+        if values.shape[-1] != 1:
+            raise ValueError(f"the critic model outputs {values.shape[-1]} labels per token; a value model needs "
+                             "num_labels=1 (AutoModelForTokenClassification with num_labels=1)")
+        values = values.squeeze(-1)
+    return values
+
+
 class DataParallelPPOCritic(BasePPOCritic):
     """PPO critic over a (possibly FSDP2-wrapped) value model, one instance per data-parallel rank."""
 
@@ -48,10 +61,9 @@ class DataParallelPPOCritic(BasePPOCritic):
         self.critic_optimizer = critic_optimizer
         self.use_remove_padding = bool(
             cfg_get(config, "use_remove_padding", False) or cfg_get(config, "model.use_remove_padding", False))
-        sp_size = int(cfg_get(config, "ulysses_sequence_parallel_size", 1))
-        if sp_size != 1:
-            raise NotImplementedError(f"ulysses_sequence_parallel_size={sp_size} is not supported by "
-                                      "DataParallelPPOCritic; set critic.ulysses_sequence_parallel_size=1")
+        self.ulysses_sequence_parallel_size = int(cfg_get(config, "ulysses_sequence_parallel_size", 1))
+        check_ulysses_config(self.ulysses_sequence_parallel_size, self.use_remove_padding,
+                             "critic.ulysses_sequence_parallel_size", "critic.model.use_remove_padding")
         self.num_skipped_steps = 0
         self._shuffle_generator = torch.Generator()
         self._shuffle_generator.manual_seed(int(cfg_get(config, "data_loader_seed", 0) or 0))
@@ -60,18 +72,21 @@ class DataParallelPPOCritic(BasePPOCritic):
         """Values at the positions predicting each response token, ``(batch, response_length)``, 0 at padding."""
         device = device_of(self.critic_module)
         response_length = micro_batch["responses"].shape[-1]
+        inputs = (micro_batch["input_ids"].to(device), micro_batch["attention_mask"].to(device),
+                  micro_batch["position_ids"].to(device))
+        if self.ulysses_sequence_parallel_size > 1:
+            # this rank's slice of the packed tokens; the values are all-gathered over the sp group
+            check_ulysses_group(self.ulysses_sequence_parallel_size)
+            values, selected = ulysses_forward_response_positions(self.critic_module,
+                                                                  *inputs,
+                                                                  response_length=response_length,
+                                                                  head_fn=lambda out, _labels: _one_value(out))
+            return scatter_to_response(values[:, 0].float(), selected)
         values, selected = forward_response_positions(self.critic_module,
-                                                      micro_batch["input_ids"].to(device),
-                                                      micro_batch["attention_mask"].to(device),
-                                                      micro_batch["position_ids"].to(device),
+                                                      *inputs,
                                                       response_length=response_length,
                                                       use_remove_padding=self.use_remove_padding)
-        if values.dim() == 2:
-            if values.shape[-1] != 1:
-                raise ValueError(f"the critic model outputs {values.shape[-1]} labels per token; a value model needs "
-                                 "num_labels=1 (AutoModelForTokenClassification with num_labels=1)")
-            values = values.squeeze(-1)
-        return scatter_to_response(values.float(), selected)
+        return scatter_to_response(_one_value(values).float(), selected)
 
     def compute_values(self, data: DataProto) -> torch.Tensor:
         """Values ``(batch, response_length)`` in the rows' order, zero outside ``response_mask``.
@@ -91,7 +106,8 @@ class DataParallelPPOCritic(BasePPOCritic):
                                "critic.forward_max_token_len_per_gpu)")
             dp = get_dp_info(self.critic_module)
             micro_batches, batch_idx = prepare_dynamic_batch(selected,
-                                                             max_token_len=int(max_token_len),
+                                                             max_token_len=int(max_token_len) *
+                                                             self.ulysses_sequence_parallel_size,
                                                              dp_group=dp.group,
                                                              same_micro_num_in_dp=dp.size > 1)
         else:
@@ -132,6 +148,8 @@ class DataParallelPPOCritic(BasePPOCritic):
         max_token_len = cfg_get(c, "ppo_max_token_len_per_gpu")
         if use_dynamic_bsz and not max_token_len:
             raise ValueError("critic.use_dynamic_bsz=True needs critic.ppo_max_token_len_per_gpu")
+        if use_dynamic_bsz:  # per-rank budget; each sp rank holds 1/sp of a micro-batch's tokens
+            max_token_len = int(max_token_len) * self.ulysses_sequence_parallel_size
         micro_batch_size = cfg_get(c, "ppo_micro_batch_size_per_gpu")
         epochs = int(cfg_get(c, "ppo_epochs", 1))
         shuffle = bool(cfg_get(c, "shuffle", False))

@@ -2,5 +2,6 @@
 generation and free the engine's memory after it (see :class:`BaseShardingManager`)."""
 from verl.workers.sharding_manager.base import BaseShardingManager
 from verl.workers.sharding_manager.fsdp_hf import FSDPHFShardingManager
+from verl.workers.sharding_manager.fsdp_ulysses import FSDPUlyssesShardingManager
 
-__all__ = ["BaseShardingManager", "FSDPHFShardingManager"]
+__all__ = ["BaseShardingManager", "FSDPHFShardingManager", "FSDPUlyssesShardingManager"]
