@@ -54,7 +54,10 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["verl", "verl.*", "recipe", "recipe.*"]),
-    package_data={"verl": ["trainer/config/*.yaml", "trainer/config/**/*.yaml"]},
+    package_data={
+        "verl": ["trainer/config/*.yaml", "trainer/config/**/*.yaml"],
+        "recipe": ["*/config/*.yaml", "*/*.sh"]
+    },
     include_package_data=True,
     install_requires=install_requires,
     extras_require=extras_require,

@@ -115,16 +115,22 @@ def test_config_error_is_raised_on_the_driver_before_any_actor(env):
 
 
 def test_unsupported_rollout_mode_is_a_config_error(env):
+    """Server mode runs with the HF server on CPU only (tests/trainer/test_async_rollout_e2e.py); engine servers are
+    refused before any worker starts."""
+    from verl.trainer.main_ppo import _preflight
+
     config = _compose(
         _base_overrides(env, "bad_mode") +
-        ["actor_rollout_ref.rollout.mode=async", "critic.ppo_micro_batch_size_per_gpu=2"])
-    with pytest.raises(ConfigError, match="rollout.mode"):
-        run_ppo(config)
+        ["actor_rollout_ref.rollout.mode=async", "actor_rollout_ref.rollout.name=sglang"])
+    with pytest.raises(ConfigError, match=r"rollout\.mode.*rollout\.name=sglang.*Fix:"):
+        _preflight(config)
 
 
 def test_embedded_default_fills_data_model_and_small_batches(env, monkeypatch):
     monkeypatch.setenv("VERL_DATA_CACHE", str(env["root"] / "cache"))
     monkeypatch.setenv("VERL_TINY_MODEL_CACHE", os.path.dirname(env["model"]))
+    # the SFT warm-up of the embedded model is built and tested in tests/trainer/test_fsdp_sft_trainer.py
+    monkeypatch.setattr("verl.trainer.main_ppo._embedded_model_path", lambda: env["model"])
     config = prepare_config(_compose(["trainer.total_training_steps=3", "trainer.default_local_dir=rel/ckpt"]))
     assert config.data.train_files == str(env["root"] / "cache" / "arithmetic" / "train.parquet")
     assert os.path.isfile(config.data.val_files)

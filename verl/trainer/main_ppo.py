@@ -102,12 +102,11 @@ def _embedded_data_files() -> tuple[str, str]:
 
 
 def _embedded_model_path() -> str:
-    """The policy of the embedded default: the tiny model (built once and cached)."""
-    from verl.models.tiny import get_tiny_model_path
+    """The policy of the embedded default: the tiny model warmed up with SFT on part of the arithmetic task (RL from
+    random weights cannot learn arithmetic); built once and cached, see :mod:`verl.trainer.embedded_default`."""
+    from verl.trainer.embedded_default import get_warmed_model_path
 
-    # TODO(sft-warmup): warm the tiny model up with verl.trainer.fsdp_sft_trainer on part of the task once that
-    # trainer exists; RL from random weights cannot learn arithmetic.
-    return get_tiny_model_path()
+    return get_warmed_model_path()
 
 
 def _absolutize(config: DictConfig) -> None:
@@ -161,27 +160,71 @@ def prepare_config(config: DictConfig) -> DictConfig:
     return config
 
 
+# Ulysses sequence parallelism works on packed (remove-padding) sequences: (sp size key, the padding switch it needs)
+_SP_NEEDS_REMOVE_PADDING = (
+    ("actor_rollout_ref.actor.ulysses_sequence_parallel_size", "actor_rollout_ref.model.use_remove_padding"),
+    ("actor_rollout_ref.ref.ulysses_sequence_parallel_size", "actor_rollout_ref.model.use_remove_padding"),
+    ("critic.ulysses_sequence_parallel_size", "critic.model.use_remove_padding"),
+)
+
+
 def _preflight(config: DictConfig) -> None:
     """Checks beyond :func:`validate_config` that concern what this trainer supports."""
     from verl.utils.config import ConfigError
 
     mode = str(cfg_select(config, "actor_rollout_ref.rollout.mode", "sync"))
-    if mode != "sync":
-        raise ConfigError(f"actor_rollout_ref.rollout.mode: ={mode} (server mode with an agent loop) is not supported "
-                          "by RayPPOTrainer. Fix: set actor_rollout_ref.rollout.mode=sync")
+    if mode == "async":
+        # server mode: the worker launches an HF rollout server (verl.workers.fsdp_async_workers); the SGLang/vLLM
+        # server engines are not wired into the trainer yet
+        name = str(cfg_select(config, "actor_rollout_ref.rollout.name", "hf"))
+        if name != "hf" or resolve_device(config) != "cpu":
+            raise ConfigError(f"actor_rollout_ref.rollout.mode: =async with rollout.name={name} on "
+                              f"{resolve_device(config)} is not supported yet (only the HF server on CPU). Fix: set "
+                              "actor_rollout_ref.rollout.name=hf and trainer.device=cpu, or "
+                              "actor_rollout_ref.rollout.mode=sync")
+    elif mode != "sync":
+        raise ConfigError(f"actor_rollout_ref.rollout.mode: ={mode} is unknown. Fix: set "
+                          "actor_rollout_ref.rollout.mode to sync or async")
     # what the FSDP workers (verl.workers.fsdp_workers) cannot do yet: fail here rather than inside a worker
     for key in ("actor_rollout_ref.model.lora_rank", "critic.model.lora_rank"):
         if int(cfg_select(config, key, 0) or 0) > 0:
             raise ConfigError(f"{key}: LoRA is not supported by the FSDP workers. Fix: set {key}=0")
-    for key in ("actor_rollout_ref.actor.ulysses_sequence_parallel_size",
-                "actor_rollout_ref.ref.ulysses_sequence_parallel_size", "critic.ulysses_sequence_parallel_size"):
-        if int(cfg_select(config, key, 1) or 1) != 1:
-            raise ConfigError(f"{key}: sequence parallelism is not supported by the FSDP workers. Fix: set {key}=1")
+    for key, padding_key in _SP_NEEDS_REMOVE_PADDING:
+        if int(cfg_select(config, key, 1) or 1) > 1 and not bool(cfg_select(config, padding_key, False)):
+            raise ConfigError(f"{key}: Ulysses sequence parallelism splits packed sequences and needs "
+                              f"{padding_key}=true. Fix: set {padding_key}=true or {key}=1")
     strategy_keys = ["actor_rollout_ref.actor.strategy"] + (["critic.strategy"] if need_critic(config) else [])
     for key in strategy_keys:
         strategy = str(cfg_select(config, key, "fsdp"))
-        if strategy not in ("fsdp", "fsdp2"):
+        if strategy == "megatron":
+            problems = _megatron_backend_problems(config)
+            if problems:
+                raise ConfigError(
+                    f"{key}: =megatron, but the Megatron backend needs CUDA GPUs and megatron-core: "
+                    f"{'; '.join(problems)}. Fix: run on CUDA GPUs after `pip install -e .[megatron]`, or use the "
+                    f"FSDP backend ({key}=fsdp, i.e. drop --config-name ppo_megatron_trainer)")
+        elif strategy not in ("fsdp", "fsdp2"):
             raise ConfigError(f"{key}: ={strategy} has no worker implementation in this package. Fix: set {key}=fsdp")
+
+
+def _megatron_backend_problems(config: DictConfig) -> list[str]:
+    """What is missing for ``strategy=megatron`` here (empty when the backend can run)."""
+    import importlib.util
+
+    def importable(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            return False
+
+    problems = []
+    if resolve_device(config) != "cuda":
+        problems.append("no CUDA GPU is visible (trainer.device resolves to cpu)")
+    if not importable("megatron.core"):
+        problems.append("megatron-core is not installed")
+    if not importable("verl.workers.megatron_workers"):
+        problems.append("the Megatron workers (verl.workers.megatron_workers) are not part of this build yet")
+    return problems
 
 
 def _validate_in_runner(config: DictConfig) -> None:
@@ -309,7 +352,8 @@ class TaskRunner:
     so the controller does not occupy the head node's driver process.
 
     Subclass it and pass ``run_ppo(config, task_runner_class=MyRunner)`` to change how workers or rewards are
-    built; ``add_*_worker`` register roles into ``self.role_worker_mapping`` / ``self.mapping``.
+    built; ``add_*_worker`` register roles into ``self.role_worker_mapping`` / ``self.mapping``. Recipes override
+    :meth:`get_trainer_cls` (their trainer subclass) and :meth:`reward_manager_kwargs` (see ``recipe/README.md``).
     """
 
     def __init__(self) -> None:
@@ -322,9 +366,14 @@ class TaskRunner:
         from verl.trainer.ppo.ray_trainer import Role
         from verl.workers.fsdp_workers import ActorRolloutRefWorker
 
-        self.role_worker_mapping[Role.ActorRollout] = ActorRolloutRefWorker
+        worker_cls = ActorRolloutRefWorker
+        if str(cfg_select(config, "actor_rollout_ref.rollout.mode", "sync")) == "async":
+            from verl.workers.fsdp_async_workers import AsyncActorRolloutRefWorker
+
+            worker_cls = AsyncActorRolloutRefWorker
+        self.role_worker_mapping[Role.ActorRollout] = worker_cls
         self.mapping[Role.ActorRollout] = "global_pool"
-        return ActorRolloutRefWorker, RayWorkerGroup
+        return worker_cls, RayWorkerGroup
 
     def add_critic_worker(self, config: DictConfig) -> None:
         from verl.trainer.ppo.ray_trainer import Role
@@ -363,10 +412,21 @@ class TaskRunner:
                                    mapping=dict(self.mapping),
                                    use_gpu=resolve_device(config) == "cuda")
 
+    # recipe hooks ----------------------------------------------------------------------------------------------
+    def get_trainer_cls(self, config: DictConfig) -> type:
+        """The trainer class :meth:`run` builds: recipes return their ``RayPPOTrainer`` subclass (same constructor)."""
+        from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+
+        return RayPPOTrainer
+
+    def reward_manager_kwargs(self, config: DictConfig) -> dict[str, Any]:
+        """Keyword arguments of both reward managers (default: ``reward_model.reward_kwargs``); recipes add theirs."""
+        kwargs = cfg_select(config, "reward_model.reward_kwargs") or OmegaConf.create({})
+        return OmegaConf.to_container(kwargs, resolve=True) if OmegaConf.is_config(kwargs) else dict(kwargs)
+
     # run -------------------------------------------------------------------------------------------------------
     def run(self, config: DictConfig) -> None:
         """Validate, build tokenizer / datasets / reward functions / roles, then ``init_workers()`` and ``fit()``."""
-        from verl.trainer.ppo.ray_trainer import RayPPOTrainer
         from verl.trainer.ppo.reward import load_reward_manager
 
         print(f"[verl] TaskRunner on {socket.gethostname()}, pid {os.getpid()}", flush=True)
@@ -394,8 +454,7 @@ class TaskRunner:
         tokenizer = _load_tokenizer(str(tokenizer_path), trust_remote_code)
         processor = _load_processor(str(tokenizer_path), trust_remote_code)
 
-        reward_kwargs = OmegaConf.to_container(cfg_select(config, "reward_model.reward_kwargs") or OmegaConf.create({}),
-                                               resolve=True)
+        reward_kwargs = self.reward_manager_kwargs(config)
         reward_fn = load_reward_manager(config, tokenizer, num_examine=0, **reward_kwargs)
         val_reward_fn = load_reward_manager(config, tokenizer, num_examine=1, **reward_kwargs)
         resource_pool_manager = self.init_resource_pool_mgr(config)
@@ -418,19 +477,20 @@ class TaskRunner:
 
         train_sampler = create_rl_sampler(config.data, train_dataset)
 
-        trainer = RayPPOTrainer(config=config,
-                                tokenizer=tokenizer,
-                                processor=processor,
-                                role_worker_mapping=self.role_worker_mapping,
-                                resource_pool_manager=resource_pool_manager,
-                                ray_worker_group_cls=ray_worker_group_cls,
-                                reward_fn=reward_fn,
-                                val_reward_fn=val_reward_fn,
-                                train_dataset=train_dataset,
-                                val_dataset=val_dataset,
-                                collate_fn=collate_fn,
-                                train_sampler=train_sampler,
-                                device_name=device)
+        trainer_cls = self.get_trainer_cls(config)
+        trainer = trainer_cls(config=config,
+                              tokenizer=tokenizer,
+                              processor=processor,
+                              role_worker_mapping=self.role_worker_mapping,
+                              resource_pool_manager=resource_pool_manager,
+                              ray_worker_group_cls=ray_worker_group_cls,
+                              reward_fn=reward_fn,
+                              val_reward_fn=val_reward_fn,
+                              train_dataset=train_dataset,
+                              val_dataset=val_dataset,
+                              collate_fn=collate_fn,
+                              train_sampler=train_sampler,
+                              device_name=device)
         start = time.time()
         try:
             trainer.init_workers()

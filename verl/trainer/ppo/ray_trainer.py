@@ -448,6 +448,22 @@ class RayPPOTrainer:
             self.rm_wg.init_model()
         self.actor_rollout_wg = all_wg[str(Role.ActorRollout)]
         self.actor_rollout_wg.init_model()
+        self._init_async_rollout()
+
+    def _init_async_rollout(self) -> None:
+        """``rollout.mode=async``: an agent-loop manager over the servers the actor workers launched; the actor's
+        weights are pushed to them before the next generation whenever they changed (start, resume, update)."""
+        self.async_rollout_manager = None
+        self._rollout_weights_stale = False
+        self._rollout_weight_version = -1
+        if str(cfg_select(self.config, "actor_rollout_ref.rollout.mode", "sync")) != "async":
+            return
+        from verl.experimental.agent_loop import AgentLoopManager
+
+        self.async_rollout_manager = AgentLoopManager(self.config,
+                                                      tokenizer=self.tokenizer,
+                                                      worker_group=self.actor_rollout_wg)
+        self._rollout_weights_stale = True
 
     def shutdown(self) -> None:
         """Stop the worker processes and release their resource pools (for drivers that run several trainers in
@@ -465,7 +481,19 @@ class RayPPOTrainer:
         return batch.pop(batch_keys=tensor_keys, non_tensor_batch_keys=non_tensor_keys)
 
     def _generate(self, gen_batch: DataProto) -> DataProto:
-        """``generate_sequences`` with the batch padded to a multiple of the rollout's world size."""
+        """``generate_sequences`` with the batch padded to a multiple of the rollout's world size (``rollout.mode=
+        async``: the agent-loop manager, after pushing the actor's weights to the servers if they changed)."""
+        if getattr(self, "async_rollout_manager", None) is not None:
+            push_metrics: dict[str, float] = {}
+            if self._rollout_weights_stale:
+                stats = self.actor_rollout_wg.update_rollout_weights()[0]
+                self._rollout_weights_stale = False
+                self._rollout_weight_version = int(stats.get("weight_version", -1))
+                push_metrics["timing_s/update_rollout_weights"] = float(stats.get("seconds", 0.0))
+            output = self.async_rollout_manager.generate_sequences(gen_batch)
+            push_metrics["rollout/weight_version"] = float(self._rollout_weight_version)
+            output.meta_info.setdefault("metrics", {}).update(push_metrics)
+            return output
         padded, pad_size = pad_dataproto_to_divisor(gen_batch, self.actor_rollout_wg.world_size)
         output = self.actor_rollout_wg.generate_sequences(padded)
         return unpad_dataproto(output, pad_size)
@@ -849,6 +877,7 @@ class RayPPOTrainer:
                         with marked_timer("update_actor", timing_raw):
                             batch.meta_info["multi_turn"] = bool(cfg_select(rollout_cfg, "multi_turn.enable", False))
                             actor_out = self.actor_rollout_wg.update_actor(batch)
+                            self._rollout_weights_stale = True  # async rollout servers get the new weights
                             self._take_reports(actor_out, metrics)
 
                     if rollout_data_dir:
