@@ -5,8 +5,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, Qwen2Config
 
 from verl.utils.fsdp_utils import enable_gradient_checkpointing
-from verl.utils.remove_padding import (build_packed_causal_mask, forward_response_positions, get_unpad_data,
-                                       index_first_axis, pad_input, packed_mask_mode, scatter_to_response, unpad_input)
+from verl.utils.remove_padding import (has_varlen_attention, build_packed_causal_mask, forward_response_positions,
+                                       get_unpad_data, index_first_axis, pad_input, packed_mask_mode,
+                                       scatter_to_response, unpad_input)
 
 PROMPT, RESPONSE = 7, 6
 
@@ -132,3 +133,12 @@ def test_packed_forward_rejects_positions_not_starting_at_zero():
     ids, mask, pos = _batch()
     with pytest.raises(ValueError, match="position_ids"):
         forward_response_positions(model, ids, mask, pos + 1, RESPONSE, use_remove_padding=True)
+
+
+def test_packing_only_with_a_varlen_kernel():
+    """SDPA/eager have no varlen kernel: packing would attend through a (total x total) mask, so use_remove_padding
+    computes on the padded batch there (same logits, checked above with packed_mask=None); flash-attention packs."""
+    sdpa = AutoModelForCausalLM.from_config(_config(), attn_implementation="sdpa")
+    assert not has_varlen_attention(sdpa)
+    sdpa.config._attn_implementation = "flash_attention_2"
+    assert has_varlen_attention(sdpa)

@@ -468,10 +468,14 @@ class FSDPSFTTrainer:
         from verl.utils.remove_padding import forward_response_positions
         from verl.utils.torch_functional import logprobs_from_logits
 
-        input_ids = micro["input_ids"].to(self.device)
-        attention_mask = micro["attention_mask"].to(self.device)
-        position_ids = micro["position_ids"].to(self.device)
-        loss_mask = micro["loss_mask"].to(self.device)
+        # rows are right-padded to data.max_length: drop the columns that are padding in every row (they change
+        # nothing for the tokens before them under causal attention), so short micro-batches cost less
+        valid_columns = micro["attention_mask"].bool().any(dim=0).nonzero()
+        width = max(int(valid_columns.max()) + 1 if valid_columns.numel() else 0, 2)
+        input_ids = micro["input_ids"][:, :width].to(self.device)
+        attention_mask = micro["attention_mask"][:, :width].to(self.device)
+        position_ids = micro["position_ids"][:, :width].to(self.device)
+        loss_mask = micro["loss_mask"][:, :width].to(self.device)
         seqlen = input_ids.shape[1]
         # positions 0..L-2 predict tokens 1..L-1; only valid positions are computed with use_remove_padding
         logits, selected = forward_response_positions(self.model,
