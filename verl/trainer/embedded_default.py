@@ -34,12 +34,12 @@ RECIPE_FILE = "warmup.json"
 WARMUP_RECIPE: dict[str, Any] = {
     "train_rows": 2048,
     "val_rows": 64,
-    "steps": 300,
+    "steps": 250,
     "batch_size": 64,
     "lr": 3e-3,
     "warmup_steps_ratio": 0.05,
     "weight_decay": 0.0,
-    "max_length": 64,
+    "max_length": 96,
     "seed": 0,
 }
 

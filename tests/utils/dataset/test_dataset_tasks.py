@@ -141,3 +141,33 @@ def test_split_records_is_deterministic_and_disjoint():
     assert split_records(records, 0.25, seed=1) != (train, test)
     with pytest.raises(ValueError, match="test_ratio"):
         split_records(records, 1.5, seed=0)
+
+
+def test_worked_solutions_are_correct_column_by_column():
+    """Every + and - problem of 2-digit operands: each line is true arithmetic, the carries/borrows chain from one
+    column to the next, and the final answer is the value."""
+    from verl.utils.dataset.tasks import worked_solution
+
+    for a in range(100):
+        for b in range(100):
+            for op in "+-":
+                if op == "-" and b > a:
+                    continue
+                *lines, final = worked_solution(a, op, b).split("\n")
+                value = a + b if op == "+" else a - b
+                assert final == f"#### {value}"
+                digits, carry = [], 0
+                for line in lines:
+                    lhs, rhs = line.split(" = ")
+                    assert eval(lhs) == int(rhs), line  # noqa: S307 (our own digits and + / -)
+                    terms = lhs.split(" ")
+                    if op == "+":
+                        assert (int(terms[-1]) if len(terms) == 5 else 0) == carry, line
+                        digits.append(int(rhs) % 10)
+                        carry = int(rhs) // 10
+                    else:
+                        borrow_in = len(terms) >= 5 and terms[1] == "-" and terms[3] == "-"
+                        assert borrow_in == bool(carry), line
+                        digits.append(int(rhs))
+                        carry = int(lhs.endswith("+ 10"))
+                assert int("".join(map(str, reversed(digits)))) == value

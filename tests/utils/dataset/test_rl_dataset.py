@@ -46,7 +46,9 @@ def test_item_is_left_padded_prompt_with_metadata(tokenizer, files):
     assert item["data_source"] == "arithmetic" and item["ability"] == "math"
     assert item["reward_model"]["style"] == "rule"
     assert item["extra_info"]["split"] == "train" and item["index"] == 3 == item["extra_info"]["index"]
-    assert item["reward_model"]["ground_truth"] == str(eval(item["extra_info"]["answer"].split("=")[0]))
+    info = item["extra_info"]
+    assert item["reward_model"]["ground_truth"] == str(eval(f"{info['a']} {info['op']} {info['b']}"))
+    assert info["answer"].endswith(f"#### {item['reward_model']['ground_truth']}")
     assert "prompt" not in item and "raw_prompt" not in item and "full_prompts" not in item
     assert item["tools_kwargs"] == {} and item["interaction_kwargs"] == {}
 

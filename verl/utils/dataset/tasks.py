@@ -46,15 +46,42 @@ def arithmetic_problem(rng: random.Random, max_digits: int = 2, ops: str = "+-")
         a, b = b, a
     value = a + b if op == "+" else a - b if op == "-" else a * b
     question = f'What is {a} {op} {b}? Give the final answer after "####".'
-    return {
-        "a": a,
-        "b": b,
-        "op": op,
-        "question": question,
-        "answer": str(value),
-        "solution": f"{a} {op} {b} = {value}\n"
-                    f"#### {value}"
-    }
+    return {"a": a, "b": b, "op": op, "question": question, "answer": str(value), "solution": worked_solution(a, op, b)}
+
+
+def worked_solution(a: int, op: str, b: int) -> str:
+    """The reference solution: column by column from the units up for ``+`` and ``-`` (one digit, its carry or
+    borrow, per line), then ``#### value``.
+
+    Why columns: writing ``a + b = value`` directly makes a model produce the leading digit before the carries
+    that decide it, which the tiny model learns only after thousands of SFT steps; one column per line is a
+    one-digit lookup plus a carry, which it learns in a few hundred, so the embedded default run starts RL from a
+    policy that is sometimes right.
+    """
+    if op == "*":
+        return f"{a} * {b} = {a * b}\n#### {a * b}"
+    lines, digits, carry = [], [], 0
+    x, y = a, b
+    while x or y or carry or not lines:
+        dx, dy = x % 10, y % 10
+        x, y = x // 10, y // 10
+        if op == "+":
+            total = dx + dy + carry
+            lines.append(f"{dx} + {dy}" + (f" + {carry}" if carry else "") + f" = {total}")
+            digits.append(total % 10)
+            carry = total // 10
+        else:
+            top = dx - carry
+            borrow = int(top < dy)
+            lines.append((f"{dx} - {carry}" if carry else f"{dx}") + f" - {dy}" + (f" + 10" if borrow else "") +
+                         f" = {top + 10 * borrow - dy}")
+            digits.append(top + 10 * borrow - dy)
+            carry = borrow
+            if not x and not y:
+                break
+    value = a + b if op == "+" else a - b
+    assert int("".join(str(d) for d in reversed(digits))) == value
+    return "\n".join(lines) + f"\n#### {value}"
 
 
 def arithmetic_rows(num_rows: int,
