@@ -8,6 +8,7 @@ A new script in those folders is picked up automatically and fails until it gets
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import subprocess
@@ -57,6 +58,16 @@ TINY_ENV = {
 # on every machine: the CPU path, no torch.compile (as tests/trainer/test_main_ppo.py runs main_ppo)
 TRAINER_ARGS = ["trainer.device=cpu", "actor_rollout_ref.actor.use_torch_compile=False"]
 GENERATION_ARGS = ["trainer.device=cpu"]
+MEGATRON_PPO_ARGS = [
+    "trainer.n_gpus_per_node=2", "actor_rollout_ref.actor.megatron.tensor_model_parallel_size=2",
+    "actor_rollout_ref.actor.megatron.pipeline_model_parallel_size=1", "critic.megatron.tensor_model_parallel_size=2",
+    "critic.megatron.pipeline_model_parallel_size=1", "actor_rollout_ref.actor.megatron.param_offload=True",
+    "actor_rollout_ref.actor.megatron.grad_offload=True", "actor_rollout_ref.actor.megatron.optimizer_offload=True"
+]
+MEGATRON_GRPO_ARGS = [
+    "trainer.n_gpus_per_node=2", "actor_rollout_ref.actor.megatron.tensor_model_parallel_size=1",
+    "actor_rollout_ref.actor.megatron.pipeline_model_parallel_size=2"
+]
 
 
 def _jsonl(path) -> list[dict]:
@@ -110,6 +121,9 @@ CHECKS = {
     # run (once, ~1 min) and checked by tests/trainer/test_debug_dump_notebook.py, whose notebook reads its dump
     "grpo_trainer/run_qwen2-7b_seq_balance_debug.sh": None,
     "generation/run_deepseek_v2_lite_math.sh": (GENERATION_ARGS, check_generation),
+    # Megatron-core backend on CPU (gloo, verl.utils.megatron_cpu): two worker processes; PPO: TP=2 + offload, GRPO: PP=2
+    "ppo_trainer/run_qwen2-7b_megatron.sh": (TRAINER_ARGS + MEGATRON_PPO_ARGS, check_ppo),
+    "grpo_trainer/run_qwen2-7b_megatron.sh": (TRAINER_ARGS + MEGATRON_GRPO_ARGS, check_grpo),
 }
 
 
@@ -166,5 +180,7 @@ def test_example_script_runs_with_the_tiny_model(script, data, tmp_path):
         pytest.fail(f"examples/{script} has no entry in CHECKS")
     if CHECKS[script] is None:
         pytest.skip(f"examples/{script} runs in the test module that uses its output")
+    if "megatron" in script and importlib.util.find_spec("megatron.core") is None:
+        pytest.skip("megatron-core is not installed (pip install megatron-core==0.16.1)")
     args, check = CHECKS[script]
     check(tmp_path, run_example_script(script, data, tmp_path, args))

@@ -1,9 +1,8 @@
 """ppo_megatron_trainer.yaml: extends ppo_trainer.yaml with the Megatron keys, validates, and main_ppo stops with one
-clear line where the Megatron backend cannot run (no CUDA GPU, no megatron-core, or no Megatron workers yet)."""
+clear line (with the pip command) when megatron-core is not installed."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -92,35 +91,36 @@ def test_validate_config_uses_the_megatron_data_parallel_size():
         validate_config(bad, check_paths=False)
 
 
-def test_preflight_names_what_the_megatron_backend_lacks_here():
+def test_preflight_passes_with_megatron_core_and_names_the_pip_command_without_it(monkeypatch):
+    import importlib.util
+
     from verl.trainer import main_ppo
 
     cfg = _compose("ppo_megatron_trainer", SMALL_RUN + ["trainer.device=cpu"])
     OmegaConf.resolve(cfg)
-    problems = main_ppo._megatron_backend_problems(cfg)
-    assert any("CUDA" in p for p in problems)  # trainer.device=cpu
-    with pytest.raises(ConfigError, match=r"needs CUDA GPUs and megatron-core.*pip install -e \.\[megatron\]"):
+    if importlib.util.find_spec("megatron.core") is not None:
+        assert main_ppo._megatron_backend_problems(cfg) == []  # megatron runs on CPU too (verl.utils.megatron_cpu)
+        main_ppo._preflight(cfg)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None
+                        if name.startswith("megatron") else real_find_spec(name, *a))
+    assert main_ppo._megatron_backend_problems(cfg) == ["megatron-core is not installed"]
+    with pytest.raises(ConfigError, match=r"megatron-core is not installed.*pip install megatron-core==0\.16\.1"):
         main_ppo._preflight(cfg)
 
 
-@pytest.fixture(scope="module")
-def task_files(tmp_path_factory):
-    from verl.utils.dataset.tasks import write_arithmetic_task
+def test_preflight_requires_the_critic_to_share_the_actor_megatron_layout():
+    import importlib.util
 
-    return write_arithmetic_task(str(tmp_path_factory.mktemp("megatron_cfg")), train_size=32, test_size=8)
+    from verl.trainer import main_ppo
 
-
-def test_main_ppo_with_megatron_config_stops_with_one_clear_line(task_files):
-    """The CLI composes and validates the config, then exits 2 with a one-line reason instead of a traceback."""
-    from verl.models.tiny import get_tiny_model_path
-
-    cmd = [
-        sys.executable, "-m", "verl.trainer.main_ppo", "--config-name", "ppo_megatron_trainer",
-        f"data.train_files={task_files['train']}", f"data.val_files={task_files['test']}",
-        f"actor_rollout_ref.model.path={get_tiny_model_path()}", "trainer.device=cpu"
-    ] + SMALL_RUN
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": ""})
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    assert "the Megatron backend needs CUDA GPUs and megatron-core" in proc.stderr
-    assert "actor_rollout_ref.actor.strategy" in proc.stderr
+    if importlib.util.find_spec("megatron.core") is None:
+        pytest.skip("megatron-core is not installed")
+    cfg = _compose(
+        "ppo_megatron_trainer", SMALL_RUN + [
+            "trainer.device=cpu", "algorithm.adv_estimator=gae", "critic.megatron.tensor_model_parallel_size=2",
+            "critic.ppo_micro_batch_size_per_gpu=2"
+        ])
+    OmegaConf.resolve(cfg)
+    with pytest.raises(ConfigError, match=r"critic.megatron.tensor_model_parallel_size.*set critic.megatron"):
+        main_ppo._preflight(cfg)

@@ -1,0 +1,103 @@
+"""Single-process pieces of the Megatron backend: the attention mask, vocab-parallel log-probs (TP=1), the lr
+schedule on a megatron-style optimizer, the storage-level offload, the CPU device scope and the dispatch flags."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from verl.utils.megatron_utils import (MegatronLRScheduler, MegatronParallelInfo, causal_padding_mask,
+                                       load_megatron_model, load_megatron_optimizer, offload_megatron_model,
+                                       offload_megatron_optimizer, vocab_parallel_log_probs)
+
+
+def test_causal_padding_mask_allows_only_earlier_valid_keys():
+    am = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1]])
+    masked = causal_padding_mask(am)[:, 0]
+    allowed = ~masked
+    assert torch.equal(allowed[1], torch.ones(4, 4, dtype=torch.bool).tril())
+    # row 0: queries attend to keys 1..i only (plus their own position so no softmax row is empty)
+    assert allowed[0, 2].tolist() == [False, True, True, False]
+    assert allowed[0, 0].tolist() == [True, False, False, False]
+
+
+def test_vocab_parallel_log_probs_match_log_softmax_and_ignore_padding_vocab():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 12, generator=g, requires_grad=True)
+    labels = torch.randint(0, 10, (3, 5), generator=g)
+    lp, ent = vocab_parallel_log_probs(logits, labels, vocab_size=10, calculate_entropy=True)
+    ref = torch.log_softmax(logits[..., :10], dim=-1)
+    assert torch.allclose(lp, ref.gather(-1, labels[..., None]).squeeze(-1), atol=1e-6)
+    assert torch.allclose(ent, -(ref.exp() * ref).sum(-1), atol=1e-5)
+    lp.sum().backward()
+    assert logits.grad[..., 10:].abs().sum() == 0
+
+
+class _FakeMegatronOptimizer:
+    """Megatron optimizers are not torch Optimizers but expose param_groups."""
+
+    def __init__(self):
+        self.param_groups = [{"lr": 0.0}, {"lr": 0.0}]
+
+
+def test_lr_scheduler_warms_up_then_decays_and_restores():
+    opt = _FakeMegatronOptimizer()
+    cfg = {"lr": 1.0, "lr_warmup_steps": 2, "lr_scheduler_type": "cosine", "total_training_steps": 6}
+    sched = MegatronLRScheduler(opt, cfg)
+    lrs = [sched.get_last_lr()[0]]
+    for _ in range(6):
+        sched.step()
+        lrs.append(opt.param_groups[1]["lr"])
+    assert lrs[:3] == [0.0, 0.5, 1.0] and lrs[3] < 1.0 and lrs[-1] == pytest.approx(0.0, abs=1e-9)
+    other = MegatronLRScheduler(_FakeMegatronOptimizer(), cfg)
+    other.load_state_dict(sched.state_dict())
+    assert other.get_last_lr() == sched.get_last_lr()
+    with pytest.raises(ValueError, match="total_training_steps"):
+        MegatronLRScheduler(opt, {"lr": 1.0, "lr_scheduler_type": "cosine"})
+
+
+def test_offload_frees_storage_and_restores_values_in_place():
+    model = torch.nn.Linear(4, 3)
+    weight = model.weight
+    before = weight.detach().clone()
+    store: dict = {}
+    offload_megatron_model([model], store)
+    assert weight.untyped_storage().size() == 0
+    load_megatron_model([model], store)
+    assert model.weight is weight and torch.equal(weight, before) and not store
+
+    class Inner:
+
+        def __init__(self):
+            p = torch.nn.Parameter(torch.ones(3))
+            self.optimizer = torch.optim.AdamW([p])
+            p.grad = torch.ones(3)
+            self.optimizer.step()
+
+    opt = Inner()
+    state = next(iter(opt.optimizer.state.values()))
+    avg = state["exp_avg"].clone()
+    offload_megatron_optimizer(opt, store)
+    assert state["exp_avg"].untyped_storage().size() == 0
+    load_megatron_optimizer(opt, store)
+    assert torch.equal(state["exp_avg"], avg)
+
+
+def test_only_tp0_of_the_last_stage_is_collected():
+    flags = {(t, p): MegatronParallelInfo(t, 2, p, 2, 0, 1).is_collect for t in range(2) for p in range(2)}
+    assert flags == {(0, 0): False, (1, 0): False, (0, 1): True, (1, 1): False}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("megatron.core") is None, reason="megatron-core is not installed")
+def test_device_scope_redirects_cuda_placement_on_cpu():
+    from verl.utils.device import is_cuda_available
+    from verl.utils.megatron_cpu import device_scope
+
+    if is_cuda_available():
+        pytest.skip("the scope is a no-op with CUDA")
+    with device_scope():
+        t = torch.zeros(2, device="cuda")
+        assert t.device.type == "cpu" and t.type() == "torch.cuda.FloatTensor" and t.cuda() is t
+        assert torch.cuda.current_device() == "cpu"
+    assert torch.zeros(1).type() == "torch.FloatTensor"

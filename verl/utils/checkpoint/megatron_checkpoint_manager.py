@@ -1,0 +1,204 @@
+"""Checkpoints of the Megatron backend: megatron-core dist checkpointing of the model chunks and the (distributed)
+optimizer, plus per-rank extra state and an optional Hugging Face export.
+
+Layout of ``local_path`` (e.g. ``<default_local_dir>/global_step_N/actor``), published atomically like the FSDP
+manager's::
+
+    dist_ckpt/                      megatron.core.dist_checkpointing (model "model<i>" per virtual chunk, "optimizer")
+    extra_state_rank_<r>.pt         lr scheduler, Python / numpy / torch RNG and megatron's RNG tracker states
+    huggingface/                    config, tokenizer and (with ``hf_model`` in save_contents) model.safetensors
+    megatron_checkpoint.json        sizes and contents
+
+Dist checkpoints are sharding-agnostic: a run may resume with other TP / PP / DP sizes (megatron re-shards on load).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from verl.utils.checkpoint.checkpoint_manager import BaseCheckpointManager, _barrier
+
+__all__ = ["MegatronCheckpointManager"]
+
+DIST_SUBDIR = "dist_ckpt"
+HF_SUBDIR = "huggingface"
+META_FILE = "megatron_checkpoint.json"
+
+
+def _extra_name(rank: int) -> str:
+    return f"extra_state_rank_{rank}.pt"
+
+
+class MegatronCheckpointManager(BaseCheckpointManager):
+    """Save / load this rank's megatron chunks, optimizer and scheduler (every rank calls both).
+
+    Args:
+        model: the model chunks (list, DDP-wrapped or plain).
+        optimizer: megatron's optimizer (or None).
+        lr_scheduler: :class:`verl.utils.megatron_utils.MegatronLRScheduler` (or None).
+        processing_class: tokenizer saved with the HF assets.
+        checkpoint_config: ``*.checkpoint`` (``save_contents`` / ``load_contents``).
+        converter / hf_config: for the ``hf_model`` export (HF names and config).
+    """
+
+    def __init__(self,
+                 model: list,
+                 optimizer: Any = None,
+                 lr_scheduler: Any = None,
+                 processing_class: Any = None,
+                 checkpoint_config: Any = None,
+                 converter: Any = None,
+                 hf_config: Any = None,
+                 **kwargs: Any) -> None:
+        super().__init__(list(model), optimizer, lr_scheduler, processing_class, checkpoint_config, **kwargs)
+        self.converter = converter
+        self.hf_config = hf_config
+
+    # -------------------------------------------------------------------------------------- state dicts -----
+    def _sharded_state_dict(self, with_model: bool, with_optimizer: bool, is_loading: bool) -> dict:
+        from verl.utils.megatron_utils import unwrap_model
+
+        model_sd = {f"model{i}": unwrap_model(chunk).sharded_state_dict() for i, chunk in enumerate(self.model)}
+        out = dict(model_sd) if with_model else {}
+        if with_optimizer and self.optimizer is not None:
+            out["optimizer"] = self.optimizer.sharded_state_dict(
+                model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+        return out
+
+    def _extra_state(self) -> dict:
+        from megatron.core import tensor_parallel
+
+        state = {"rng": self.get_rng_state(), "mcore_rng_tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+        if self.lr_scheduler is not None:
+            state["lr_scheduler"] = self.lr_scheduler.state_dict()
+        return state
+
+    # ------------------------------------------------------------------------------------------------ save -----
+    def save_checkpoint(self,
+                        local_path: str,
+                        hdfs_path: Optional[str] = None,
+                        global_step: int = 0,
+                        max_ckpt_to_keep: Optional[int] = None) -> None:
+        """Write the checkpoint to ``local_path`` and keep the newest ``max_ckpt_to_keep``."""
+        from megatron.core import dist_checkpointing
+
+        from verl.utils.megatron_cpu import device_scope
+
+        if local_path is None:
+            raise ValueError("save_checkpoint needs local_path (e.g. <trainer.default_local_dir>/global_step_N/actor)")
+        if hdfs_path is not None:
+            raise NotImplementedError("hdfs_path is not supported by the Megatron checkpoint manager; mount the "
+                                      "remote directory and use trainer.default_local_dir")
+        if self.should_save_optimizer and self.optimizer is None:
+            raise ValueError("checkpoint.save_contents includes 'optimizer' but this role has no optimizer; remove it")
+        local_path = os.path.abspath(os.path.expanduser(local_path))
+        tmp = self._make_tmp_dir(local_path)
+        with device_scope():
+            if self.should_save_model or self.should_save_optimizer:
+                sharded = self._sharded_state_dict(self.should_save_model, self.should_save_optimizer, False)
+                ckpt_dir = os.path.join(tmp, DIST_SUBDIR)
+                if self.rank == 0:
+                    os.makedirs(ckpt_dir, exist_ok=True)
+                _barrier()
+                os.makedirs(ckpt_dir, exist_ok=True)
+                dist_checkpointing.save(sharded, ckpt_dir)
+            if self.should_save_extra:
+                torch.save(self._extra_state(), os.path.join(tmp, _extra_name(self.rank)))
+            hf_state = self._gather_hf_state() if self.should_save_hf_model else None
+        if self.rank == 0:
+            hf_dir = os.path.join(tmp, HF_SUBDIR)
+            os.makedirs(hf_dir, exist_ok=True)
+            if self.hf_config is not None:
+                self.hf_config.save_pretrained(hf_dir)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(hf_dir)
+            if hf_state is not None:
+                from safetensors.torch import save_file
+
+                save_file({
+                    k: v.detach().cpu().contiguous() for k, v in hf_state.items()
+                },
+                          os.path.join(hf_dir, "model.safetensors"),
+                          metadata={"format": "pt"})
+            meta = {
+                "format": "verl-megatron",
+                "global_step": int(global_step),
+                "world_size": self.world_size,
+                "contents": list(self.checkpoint_save_contents),
+            }
+            if self.converter is not None:
+                lay = self.converter.layout
+                meta.update(tensor_model_parallel_size=lay.tp_size,
+                            pipeline_model_parallel_size=lay.pp_size,
+                            virtual_pipeline_model_parallel_size=lay.vpp_size)
+            with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=1)
+        _barrier()
+        self._publish(tmp, local_path)
+        self._prune(local_path, max_ckpt_to_keep)
+
+    def _gather_hf_state(self) -> Optional[dict[str, torch.Tensor]]:
+        """The full HF state dict on rank 0 (None elsewhere), gathered with the hybrid engine's generator."""
+        if self.converter is None:
+            raise ValueError("checkpoint.save_contents has 'hf_model' but the manager has no weight converter")
+        from verl.workers.sharding_manager.megatron_hf import MegatronHFShardingManager
+
+        gen = MegatronHFShardingManager(self.model, self.converter, load_weights_fn=lambda bucket: None)
+        state = {}
+        for name, tensor in gen.iter_hf_weights():
+            if self.rank == 0:
+                state[name] = tensor.detach().cpu()
+        return state if self.rank == 0 else None
+
+    # ------------------------------------------------------------------------------------------------ load -----
+    def load_checkpoint(self,
+                        local_path: Optional[str],
+                        hdfs_path: Optional[str] = None,
+                        del_local_after_load: bool = False) -> None:
+        """Restore what ``load_contents`` names from ``local_path`` (None: nothing)."""
+        from megatron.core import dist_checkpointing, tensor_parallel
+
+        from verl.utils.megatron_cpu import device_scope
+        from verl.utils.megatron_utils import unwrap_model
+
+        if local_path is None:
+            return
+        local_path = os.path.abspath(os.path.expanduser(local_path))
+        if not os.path.isdir(local_path):
+            raise FileNotFoundError(f"checkpoint directory {local_path!r} does not exist")
+        with device_scope():
+            if self.should_load_model or self.should_load_optimizer:
+                ckpt_dir = os.path.join(local_path, DIST_SUBDIR)
+                if not os.path.isdir(ckpt_dir):
+                    raise FileNotFoundError(f"{ckpt_dir!r} is missing: {local_path!r} is not a Megatron checkpoint of "
+                                            "this backend (strategy=megatron)")
+                with_optim = self.should_load_optimizer and self.optimizer is not None
+                sharded = self._sharded_state_dict(True, with_optim, True)
+                state = dist_checkpointing.load(sharded, ckpt_dir)
+                if self.should_load_model:
+                    for i, chunk in enumerate(self.model):
+                        unwrap_model(chunk).load_state_dict(state[f"model{i}"], strict=False)
+                if with_optim:
+                    with torch.no_grad():  # fp32 main params are views of the model's (grad-requiring) params
+                        self.optimizer.load_state_dict(state["optimizer"])
+            if self.should_load_extra:
+                path = os.path.join(local_path, _extra_name(self.rank))
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"{path!r} is missing: the checkpoint was written by another world size; "
+                                            "drop 'extra' from checkpoint.load_contents to resume without it")
+                extra = torch.load(path, map_location="cpu", weights_only=False)
+                self.load_rng_state(extra["rng"])
+                tensor_parallel.get_cuda_rng_tracker().set_states(extra["mcore_rng_tracker"])
+                if self.lr_scheduler is not None and "lr_scheduler" in extra:
+                    self.lr_scheduler.load_state_dict(extra["lr_scheduler"])
+        _barrier()
+        if del_local_after_load and self.rank == 0:
+            import shutil
+
+            shutil.rmtree(local_path, ignore_errors=True)
+        if dist.is_initialized():
+            _barrier()

@@ -1,0 +1,278 @@
+"""Hybrid engine of the Megatron backend (verl's "3D-HybridEngine"): Megatron TP/PP-sharded actor -> rollout engine.
+
+:meth:`MegatronHFShardingManager.iter_hf_weights` is an engine-agnostic generator of ``(hf_name, full tensor)``: it
+walks the model in a fixed order that every rank agrees on (pipeline stage, virtual chunk, parameter -- the order of
+:meth:`DenseDecoderWeightConverter.mcore_param_names`); for each Megatron parameter the owning stage all-gathers its
+TP shards (only when the parameter is split over TP), broadcasts the gathered shards to the other stages of its
+pipeline group, and every rank converts them to Hugging Face names and layouts (fused QKV -> q/k/v, gate/up, padded
+vocabulary). :meth:`iter_weight_buckets` groups that stream into lists of at most ``bucket_bytes`` (a larger tensor is
+a list of its own), so no more than one bucket of gathered weights is alive besides what the consumer keeps.
+
+The consumer is a callable taking one bucket: by default the HF rollout's own model (:class:`HFModuleWeightLoader`,
+which copies tensors into parameters of the same names); a vLLM engine's ``model.load_weights(bucket)`` or SGLang's
+``update_weights_from_tensor(bucket)`` take the same lists. Every rank of the actor takes part (the gathers and
+broadcasts are collectives) and ends up with the full weights, so for generation each rank is its own data-parallel
+rank ("PP and TP as extra DP"); ``preprocess_data`` / ``postprocess_data`` are the identity.
+
+Measurements of each sync are left in ``metrics`` (``perf/weight_sync_s``, ``_gb``, ``_buckets``, ``_max_bucket_mb``,
+``_peak_memory_gb``) and ``timing["weight_sync"]``.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from verl.utils.device import get_device, get_torch_device, is_cuda_available
+from verl.workers.sharding_manager.base import BaseShardingManager
+
+__all__ = ["MegatronHFShardingManager", "HFModuleWeightLoader"]
+
+_GIB = float(1 << 30)
+
+
+def _rss_bytes() -> int:
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil comes with ray
+        return 0
+    return int(psutil.Process().memory_info().rss)
+
+
+class HFModuleWeightLoader:
+    """Copies buckets of ``(hf_name, tensor)`` into an HF model's parameters/buffers of the same names;
+    :meth:`finish` raises if names were unknown, shapes differed or parameters were never written."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.targets = dict(module.named_parameters(remove_duplicate=False))
+        self.targets.update(dict(module.named_buffers(remove_duplicate=False)))
+        self.reset()
+
+    def reset(self) -> None:
+        self.written: set[int] = set()
+        self.unexpected: list[str] = []
+        self.mismatched: list[tuple[str, tuple, tuple]] = []
+
+    @torch.no_grad()
+    def __call__(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
+        for name, tensor in bucket:
+            target = self.targets.get(name)
+            if target is None:
+                self.unexpected.append(name)
+                continue
+            if tuple(target.shape) != tuple(tensor.shape):
+                self.mismatched.append((name, tuple(tensor.shape), tuple(target.shape)))
+                continue
+            target.data.copy_(tensor, non_blocking=True)
+            self.written.add(id(target))
+
+    def finish(self) -> None:
+        missing = [n for n, p in self.module.named_parameters() if id(p) not in self.written]
+        if self.unexpected or self.mismatched or missing:
+            raise ValueError("cannot load the Megatron actor's weights into the rollout model: names it lacks "
+                             f"{self.unexpected[:10]}, shape mismatches (name, actor, rollout) {self.mismatched[:10]}, "
+                             f"rollout parameters never written {missing[:10]}. The rollout model must be built from "
+                             "the same config as the actor (actor_rollout_ref.model.path)")
+
+
+class MegatronHFShardingManager(BaseShardingManager):
+    """Stream the Megatron actor's weights into a rollout engine on entry.
+
+    Args:
+        actor_module: this rank's model chunks (plain or DDP-wrapped ``GPTModel``), in virtual-stage order.
+        converter: the :class:`~verl.models.mcore.DenseDecoderWeightConverter` of their layout.
+        inference_module: the HF rollout's model (its weights are overwritten on entry); or
+        load_weights_fn: any callable taking one bucket (list of ``(hf_name, tensor)``), e.g. an engine's loader.
+        bucket_bytes: bound of one bucket (``rollout.update_weights_bucket_megabytes``).
+        dtype: cast floating tensors to it (default: the rollout model's dtype, if it has one).
+        offload_param / param_store: the actor's parameters are offloaded between phases; they are loaded for the
+            sync and offloaded again (``param_store`` is the worker's offload store).
+        offload_rollout: move the HF rollout model to host memory on exit (accelerators only).
+    """
+
+    def __init__(self,
+                 actor_module: list,
+                 converter: Any,
+                 inference_module: Optional[nn.Module] = None,
+                 load_weights_fn: Optional[Callable[[list], Any]] = None,
+                 bucket_bytes: int = 512 << 20,
+                 dtype: Optional[torch.dtype] = None,
+                 offload_param: bool = False,
+                 param_store: Optional[dict] = None,
+                 offload_rollout: bool = False) -> None:
+        super().__init__()
+        if int(bucket_bytes) <= 0:
+            raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}; set "
+                             "actor_rollout_ref.rollout.update_weights_bucket_megabytes to a positive number")
+        if (inference_module is None) == (load_weights_fn is None):
+            raise ValueError("give exactly one of inference_module (HF rollout) and load_weights_fn (engine loader)")
+        self.actor_module = list(actor_module)
+        self.converter = converter
+        self.inference_module = inference_module
+        self.loader = HFModuleWeightLoader(inference_module) if inference_module is not None else None
+        self.load_weights_fn = load_weights_fn or self.loader
+        self.bucket_bytes = int(bucket_bytes)
+        if dtype is None and inference_module is not None:
+            dtypes = {p.dtype for p in inference_module.parameters() if p.is_floating_point()}
+            dtype = dtypes.pop() if len(dtypes) == 1 else None
+        self.dtype = dtype
+        self.offload_param = bool(offload_param)
+        self.param_store = param_store if param_store is not None else {}
+        self.offload_rollout = bool(offload_rollout)
+        self._rollout_offloaded = False
+        self._meta: Optional[dict] = None
+        self.timing: dict[str, float] = {}
+        self.metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------- generator ----
+    def _local_params(self) -> list[dict[str, torch.Tensor]]:
+        from verl.utils.megatron_utils import unwrap_model
+
+        out = []
+        for chunk in self.actor_module:
+            inner = unwrap_model(chunk)
+            named = dict(inner.named_parameters())
+            named.update({k: v for k, v in inner.named_buffers() if k not in named})
+            out.append(named)
+        return out
+
+    def _metadata(self) -> dict:
+        """``{(pp_rank, vp_stage, local_name): (shape of a TP shard, dtype)}`` of the whole model, gathered once."""
+        if self._meta is not None:
+            return self._meta
+        from megatron.core import parallel_state as mpu
+
+        pp_rank = mpu.get_pipeline_model_parallel_rank()
+        mine = {}
+        for vp_stage, params in enumerate(self._local_params()):
+            for name in self.converter.mcore_param_names(pp_rank, vp_stage, local=True):
+                if name in params:
+                    mine[(pp_rank, vp_stage, name)] = (tuple(params[name].shape), params[name].dtype)
+        if mpu.get_pipeline_model_parallel_world_size() > 1:
+            gathered: list = [None] * mpu.get_pipeline_model_parallel_world_size()
+            dist.all_gather_object(gathered, mine, group=mpu.get_pipeline_model_parallel_group())
+            meta = {}
+            for part in gathered:
+                meta.update(part)
+            mine = meta
+        self._meta = mine
+        return mine
+
+    @torch.no_grad()
+    def iter_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(hf_name, full tensor)`` for every HF weight, on every rank (collective: all ranks must iterate to the
+        end)."""
+        from megatron.core import parallel_state as mpu
+
+        conv = self.converter
+        meta = self._metadata()
+        params = self._local_params()
+        my_pp = mpu.get_pipeline_model_parallel_rank()
+        pp_size = mpu.get_pipeline_model_parallel_world_size()
+        tp_size = mpu.get_tensor_model_parallel_world_size()
+        tp_group = mpu.get_tensor_model_parallel_group()
+        pp_group = mpu.get_pipeline_model_parallel_group()
+        pp_ranks = dist.get_process_group_ranks(pp_group) if pp_size > 1 else [dist.get_rank()]
+        comm_device = get_device() if is_cuda_available() else torch.device("cpu")
+        tied = conv.dims.tie_word_embeddings
+        for pp_rank in range(conv.layout.pp_size):
+            for vp_stage in range(conv.layout.num_chunks):
+                local = conv.mcore_param_names(pp_rank, vp_stage, local=True)
+                global_ = conv.mcore_param_names(pp_rank, vp_stage, local=False)
+                for ln, gn in zip(local, global_):
+                    if gn == "output_layer.weight" and tied:
+                        continue  # the tied copy of the embedding
+                    shape, dtype = meta[(pp_rank, vp_stage, ln)]
+                    split = conv.tp_split_dim(gn) is not None and tp_size > 1
+                    count = tp_size if split else 1
+                    shards = None
+                    if pp_rank == my_pp:
+                        tensor = params[vp_stage][ln].detach().to(comm_device)
+                        if split:
+                            shards = [torch.empty_like(tensor) for _ in range(tp_size)]
+                            dist.all_gather(shards, tensor.contiguous(), group=tp_group)
+                        else:
+                            shards = [tensor]
+                    if pp_size > 1:
+                        if pp_rank == my_pp:
+                            stacked = torch.stack(shards).contiguous()
+                        else:
+                            stacked = torch.empty((count, *shape), dtype=dtype, device=comm_device)
+                        dist.broadcast(stacked, src=pp_ranks[pp_rank], group=pp_group)
+                        shards = list(stacked.unbind(0))
+                    for name, full in conv.mcore_to_hf_param(gn, shards):
+                        if self.dtype is not None and full.is_floating_point():
+                            full = full.to(self.dtype)
+                        yield name, full.contiguous()
+
+    def iter_weight_buckets(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """:meth:`iter_hf_weights` in lists of at most ``bucket_bytes``."""
+        from verl.models.mcore import bucket_named_tensors
+
+        return bucket_named_tensors(self.iter_hf_weights(), self.bucket_bytes)
+
+    # ---------------------------------------------------------------------------------------------- context ----
+    def sync_weights(self) -> dict[str, int]:
+        """Stream all buckets into the consumer; returns bytes, bucket count, largest bucket, peak RSS."""
+        from verl.utils.megatron_cpu import device_scope
+
+        stats = {"bytes": 0, "buckets": 0, "max_bucket": 0, "peak_rss": 0}
+        if self.loader is not None:
+            self.loader.reset()
+        with device_scope():
+            for bucket in self.iter_weight_buckets():
+                size = sum(t.numel() * t.element_size() for _, t in bucket)
+                self.load_weights_fn(bucket)
+                stats["bytes"] += size
+                stats["buckets"] += 1
+                stats["max_bucket"] = max(stats["max_bucket"], size)
+                stats["peak_rss"] = max(stats["peak_rss"], _rss_bytes())
+                del bucket
+        if self.loader is not None:
+            self.loader.finish()
+        return stats
+
+    def __enter__(self) -> "MegatronHFShardingManager":
+        from verl.utils.megatron_utils import load_megatron_model, offload_megatron_model
+
+        device = get_torch_device()
+        on_gpu = is_cuda_available()
+        self.timing, self.metrics = {}, {}
+        if on_gpu:
+            device.synchronize()
+            device.reset_peak_memory_stats()
+        start = time.perf_counter()
+        if self._rollout_offloaded and self.inference_module is not None:
+            self.inference_module.to(get_device())
+            self._rollout_offloaded = False
+        if self.offload_param:
+            load_megatron_model(self.actor_module, self.param_store)
+        stats = self.sync_weights()
+        if self.offload_param:
+            offload_megatron_model(self.actor_module, self.param_store)
+        device.synchronize()
+        device.empty_cache()
+        if self.inference_module is not None:
+            self.inference_module.eval()
+        elapsed = time.perf_counter() - start
+        peak = device.max_memory_allocated() if on_gpu else max(stats["peak_rss"], _rss_bytes())
+        self.timing["weight_sync"] = elapsed
+        self.metrics.update({
+            "perf/weight_sync_s": elapsed,
+            "perf/weight_sync_gb": stats["bytes"] / _GIB,
+            "perf/weight_sync_buckets": stats["buckets"],
+            "perf/weight_sync_max_bucket_mb": stats["max_bucket"] / float(1 << 20),
+            "perf/weight_sync_peak_memory_gb": peak / _GIB,
+        })
+        return self
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
+        if self.offload_rollout and is_cuda_available() and self.inference_module is not None:
+            self.inference_module.to("cpu")
+            self._rollout_offloaded = True
+        get_torch_device().empty_cache()
+        return None
