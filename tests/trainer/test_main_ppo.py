@@ -114,16 +114,23 @@ def test_config_error_is_raised_on_the_driver_before_any_actor(env):
     assert _live_actor_count() == before  # no TaskRunner, no workers
 
 
-def test_unsupported_rollout_mode_is_a_config_error(env):
-    """Server mode runs with the HF server on CPU only (tests/trainer/test_async_rollout_e2e.py); engine servers are
-    refused before any worker starts."""
+def test_rollout_mode_and_placement_are_checked_before_workers(env):
+    """Server mode takes every rollout server (hf, sglang, vllm: verl.workers.fsdp_async_workers); an unknown mode, or
+    a server address without the disaggregated placement, is refused before any worker starts."""
     from verl.trainer.main_ppo import _preflight
 
     config = _compose(
         _base_overrides(env, "bad_mode") +
         ["actor_rollout_ref.rollout.mode=async", "actor_rollout_ref.rollout.name=sglang"])
-    with pytest.raises(ConfigError, match=r"rollout\.mode.*rollout\.name=sglang.*Fix:"):
+    _preflight(config)
+    config.actor_rollout_ref.rollout.mode = "server"
+    with pytest.raises(ConfigError, match=r"rollout\.mode.*Fix:"):
         _preflight(config)
+    config = _compose(
+        _base_overrides(env, "bad_placement") +
+        ["actor_rollout_ref.rollout.mode=async", "actor_rollout_ref.rollout.server_address=http://10.0.0.2:30000"])
+    with pytest.raises(ConfigError, match=r"rollout\.server_address.*placement=disaggregated"):
+        validate_config(config, check_paths=False)
 
 
 def test_embedded_default_fills_data_model_and_small_batches(env, monkeypatch):

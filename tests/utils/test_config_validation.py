@@ -311,3 +311,14 @@ def test_loss_agg_modes_match_core_algos():
     from verl.utils.config import LOSS_AGG_MODES as checked
 
     assert tuple(checked) == tuple(LOSS_AGG_MODES)
+
+
+def test_sglang_sampling_names_are_checked_on_the_driver(base_cfg):
+    """A parameter SGLang calls differently fails in validate_config (no SGLang needed), naming the key."""
+    cluster = {"ray_kwargs.ray_init.address": "10.0.0.1:6379"}  # a remote cluster: a missing package only warns
+    good = _with(base_cfg, {"actor_rollout_ref.rollout.name": "sglang", **cluster})
+    validate_config(good, check_paths=False)
+    bad = copy.deepcopy(good)
+    OmegaConf.update(bad, "actor_rollout_ref.rollout.min_tokens", 4, force_add=True)  # +key=value on the CLI
+    with pytest.raises(ConfigError, match=r"actor_rollout_ref\.rollout\.min_tokens: .*min_new_tokens"):
+        validate_config(bad, check_paths=False)

@@ -44,19 +44,19 @@ EMBEDDED_DEFAULT_OVERRIDES: dict[str, Any] = {
     "algorithm.adv_estimator": "grpo",
     "data.train_batch_size": 32,
     "data.max_prompt_length": 32,
-    "data.max_response_length": 24,
+    "data.max_response_length": 48,
     "data.val_max_samples": 128,
     "actor_rollout_ref.rollout.n": 4,
     "actor_rollout_ref.actor.ppo_mini_batch_size": 16,
     "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": 16,
-    "actor_rollout_ref.actor.optim.lr": 1e-5,
+    "actor_rollout_ref.actor.optim.lr": 3e-5,
     "actor_rollout_ref.actor.use_torch_compile": False,
     "actor_rollout_ref.model.enable_gradient_checkpointing": False,
     "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": 32,
     "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu": 32,
     "critic.ppo_micro_batch_size_per_gpu": 16,
     "critic.model.enable_gradient_checkpointing": False,
-    "trainer.total_training_steps": 40,
+    "trainer.total_training_steps": 50,
     "trainer.test_freq": 10,
     "trainer.project_name": "verl_quickstart",
     "trainer.experiment_name": "arithmetic_grpo_tiny",
@@ -174,14 +174,12 @@ def _preflight(config: DictConfig) -> None:
 
     mode = str(cfg_select(config, "actor_rollout_ref.rollout.mode", "sync"))
     if mode == "async":
-        # server mode: the worker launches an HF rollout server (verl.workers.fsdp_async_workers); the SGLang/vLLM
-        # server engines are not wired into the trainer yet
+        # server mode: the actor's rank 0 owns a rollout server chosen by rollout.name (verl.workers.fsdp_async_workers;
+        # rollout.placement and server_address are checked by validate_config)
         name = str(cfg_select(config, "actor_rollout_ref.rollout.name", "hf"))
-        if name != "hf" or resolve_device(config) != "cpu":
-            raise ConfigError(f"actor_rollout_ref.rollout.mode: =async with rollout.name={name} on "
-                              f"{resolve_device(config)} is not supported yet (only the HF server on CPU). Fix: set "
-                              "actor_rollout_ref.rollout.name=hf and trainer.device=cpu, or "
-                              "actor_rollout_ref.rollout.mode=sync")
+        if name not in ("hf", "sglang", "vllm"):
+            raise ConfigError(f"actor_rollout_ref.rollout.name: ={name} has no rollout server for "
+                              "actor_rollout_ref.rollout.mode=async. Fix: set it to hf, sglang or vllm")
     elif mode != "sync":
         raise ConfigError(f"actor_rollout_ref.rollout.mode: ={mode} is unknown. Fix: set "
                           "actor_rollout_ref.rollout.mode to sync or async")
@@ -199,10 +197,19 @@ def _preflight(config: DictConfig) -> None:
         if strategy == "megatron":
             problems = _megatron_backend_problems(config)
             if problems:
-                raise ConfigError(
-                    f"{key}: =megatron, but the Megatron backend needs CUDA GPUs and megatron-core: "
-                    f"{'; '.join(problems)}. Fix: run on CUDA GPUs after `pip install -e .[megatron]`, or use the "
-                    f"FSDP backend ({key}=fsdp, i.e. drop --config-name ppo_megatron_trainer)")
+                raise ConfigError(f"{key}: =megatron, but the Megatron backend cannot run here: {'; '.join(problems)}. "
+                                  "Fix: `pip install megatron-core==0.16.1` (or `pip install -e .[megatron]`), or use "
+                                  f"the FSDP backend ({key}=fsdp, i.e. drop --config-name ppo_megatron_trainer)")
+            if key == "critic.strategy" and _uses_megatron(config, "actor_rollout_ref.actor.strategy"):
+                # the roles share worker processes, hence megatron's (process-global) parallel state
+                for part in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+                    actor_size = int(cfg_select(config, f"actor_rollout_ref.actor.megatron.{part}", 1) or 1)
+                    critic_size = int(cfg_select(config, f"critic.megatron.{part}", 1) or 1)
+                    if actor_size != critic_size:
+                        raise ConfigError(
+                            f"critic.megatron.{part}: ={critic_size} differs from actor_rollout_ref.actor.megatron."
+                            f"{part}={actor_size}, but the critic and the actor share worker processes and Megatron's "
+                            f"parallel state. Fix: set critic.megatron.{part}={actor_size}")
         elif strategy not in ("fsdp", "fsdp2"):
             raise ConfigError(f"{key}: ={strategy} has no worker implementation in this package. Fix: set {key}=fsdp")
 
@@ -218,13 +225,14 @@ def _megatron_backend_problems(config: DictConfig) -> list[str]:
             return False
 
     problems = []
-    if resolve_device(config) != "cuda":
-        problems.append("no CUDA GPU is visible (trainer.device resolves to cpu)")
     if not importable("megatron.core"):
         problems.append("megatron-core is not installed")
-    if not importable("verl.workers.megatron_workers"):
-        problems.append("the Megatron workers (verl.workers.megatron_workers) are not part of this build yet")
     return problems
+
+
+def _uses_megatron(config: DictConfig, key: str) -> bool:
+    """Whether the role at ``key`` (a ``*.strategy`` key) runs on the Megatron workers."""
+    return str(cfg_select(config, key, "fsdp")) == "megatron"
 
 
 def _validate_in_runner(config: DictConfig) -> None:
@@ -364,10 +372,18 @@ class TaskRunner:
     def add_actor_rollout_worker(self, config: DictConfig) -> tuple[type, type]:
         from verl.single_controller.ray import RayWorkerGroup
         from verl.trainer.ppo.ray_trainer import Role
-        from verl.workers.fsdp_workers import ActorRolloutRefWorker
+        if _uses_megatron(config, "actor_rollout_ref.actor.strategy"):
+            from verl.workers.megatron_workers import ActorRolloutRefWorker
+        else:
+            from verl.workers.fsdp_workers import ActorRolloutRefWorker
 
         worker_cls = ActorRolloutRefWorker
         if str(cfg_select(config, "actor_rollout_ref.rollout.mode", "sync")) == "async":
+            if _uses_megatron(config, "actor_rollout_ref.actor.strategy"):
+                from verl.utils.config import ConfigError
+
+                raise ConfigError("actor_rollout_ref.rollout.mode: =async is not supported with strategy=megatron. "
+                                  "Fix: set actor_rollout_ref.rollout.mode=sync")
             from verl.workers.fsdp_async_workers import AsyncActorRolloutRefWorker
 
             worker_cls = AsyncActorRolloutRefWorker
@@ -377,14 +393,20 @@ class TaskRunner:
 
     def add_critic_worker(self, config: DictConfig) -> None:
         from verl.trainer.ppo.ray_trainer import Role
-        from verl.workers.fsdp_workers import CriticWorker
+        if _uses_megatron(config, "critic.strategy"):
+            from verl.workers.megatron_workers import CriticWorker
+        else:
+            from verl.workers.fsdp_workers import CriticWorker
 
         self.role_worker_mapping[Role.Critic] = CriticWorker
         self.mapping[Role.Critic] = "global_pool"
 
     def add_reward_model_worker(self, config: DictConfig) -> None:
         from verl.trainer.ppo.ray_trainer import Role
-        from verl.workers.fsdp_workers import RewardModelWorker
+        if _uses_megatron(config, "reward_model.strategy"):
+            from verl.workers.megatron_workers import RewardModelWorker
+        else:
+            from verl.workers.fsdp_workers import RewardModelWorker
 
         self.role_worker_mapping[Role.RewardModel] = RewardModelWorker
         use_own_pool = bool(cfg_select(config, "reward_model.enable_resource_pool", False))

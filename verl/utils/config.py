@@ -28,6 +28,7 @@ __all__ = [
     "ConfigWarning",
     "ROLLOUT_NAMES",
     "ROLLOUT_MODES",
+    "ROLLOUT_PLACEMENTS",
     "DEVICES",
     "GROUP_ADV_ESTIMATORS",
     "cfg_select",
@@ -48,6 +49,7 @@ class ConfigWarning(UserWarning):
 
 ROLLOUT_NAMES = ("hf", "vllm", "sglang")
 ROLLOUT_MODES = ("sync", "async")
+ROLLOUT_PLACEMENTS = ("colocated", "disaggregated")
 DEVICES = ("auto", "cpu", "cuda")
 STRATEGIES = ("fsdp", "fsdp2", "megatron")
 RESUME_MODES = ("auto", "disable", "resume_path")
@@ -411,10 +413,43 @@ def _check_algorithm(config: Any, use_critic: bool, warn: Callable[[str], None])
     return adv
 
 
+def _check_rollout_placement(config: Any, mode: str) -> None:
+    """``rollout.placement`` / ``server_address`` / ``server_weights_dir`` (server mode only)."""
+    r = "actor_rollout_ref.rollout"
+    placement = _choice(config, f"{r}.placement", ROLLOUT_PLACEMENTS, "colocated")
+    address = cfg_select(config, f"{r}.server_address", None)
+    weights_dir = cfg_select(config, f"{r}.server_weights_dir", None)
+    if mode != "async":
+        if placement != "colocated" or address:
+            key = f"{r}.server_address" if address else f"{r}.placement"
+            _fail(key, f"is set but {r}.mode={mode}: only server-mode rollouts have a separate server",
+                  f"set {r}.mode=async, or remove {key}")
+        return
+    if address:
+        if placement != "disaggregated":
+            _fail(
+                f"{r}.server_address", f"={address} names a running server, but {r}.placement={placement} (a "
+                "colocated server is launched beside the actor and shares its devices)",
+                f"set {r}.placement=disaggregated, or {r}.server_address=null")
+        text = str(address)
+        host_port = text.split("://", 1)[-1].rstrip("/")
+        if "://" in text and not text.startswith(("http://", "https://")) or ":" not in host_port or \
+                not host_port.rsplit(":", 1)[-1].isdigit() or "/" in host_port:
+            _fail(f"{r}.server_address", f"={address} is not an address of the form http://HOST:PORT",
+                  f"set {r}.server_address=http://HOST:PORT")
+    if weights_dir and placement != "disaggregated":
+        _fail(f"{r}.server_weights_dir", f"is set but {r}.placement={placement} sends weights over HTTP",
+              f"set {r}.placement=disaggregated, or {r}.server_weights_dir=null")
+    timeout = cfg_select(config, f"{r}.server_launch_timeout_s", 600)
+    if timeout is not None and float(timeout) <= 0:
+        _fail(f"{r}.server_launch_timeout_s", f"must be > 0, got {timeout!r}", f"set {r}.server_launch_timeout_s=600")
+
+
 def _check_rollout(config: Any, adv: str, n_gpus: int, local_run: bool, warn: Callable[[str], None]) -> int:
     r = "actor_rollout_ref.rollout"
     name = _choice(config, f"{r}.name", ROLLOUT_NAMES, "hf")
-    _choice(config, f"{r}.mode", ROLLOUT_MODES, "sync")
+    mode = _choice(config, f"{r}.mode", ROLLOUT_MODES, "sync")
+    _check_rollout_placement(config, mode)
     if name in _ROLLOUT_PACKAGES:
         module, install = _ROLLOUT_PACKAGES[name]
         if not _importable(module):
@@ -423,6 +458,12 @@ def _check_rollout(config: Any, adv: str, n_gpus: int, local_run: bool, warn: Ca
             if local_run:
                 raise ConfigError(msg)
             warn(msg + " (checked on the driver only: workers on other nodes may have it)")
+    if name == "sglang":
+        # SGLang names sampling parameters differently: a renamed or unsupported key must fail here, not be
+        # dropped on the workers (the check itself needs no SGLang)
+        from verl.workers.rollout.sglang_rollout.sampling import validate_sglang_rollout_config
+
+        validate_sglang_rollout_config(cfg_select(config, r))
     n = _int(config, f"{r}.n", 1, minimum=1)
     if n == 1 and (adv in GROUP_ADV_ESTIMATORS or adv.startswith(("grpo", "rloo"))):
         _fail(

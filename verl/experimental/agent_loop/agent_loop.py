@@ -29,7 +29,8 @@ import torch
 
 from verl.protocol import DataProto
 from verl.utils.config import cfg_select
-from verl.workers.rollout.async_server import AsyncRolloutClient, ServerProcess, TokenOutput
+from verl.workers.rollout.async_server import (AsyncRolloutClient, ServerProcess, ServerRef, TokenOutput,
+                                               make_rollout_client)
 
 __all__ = [
     "AgentLoopOutput", "AgentLoopBase", "register", "get_agent_loop_class", "AsyncLLMServerManager", "AgentLoopManager",
@@ -272,11 +273,14 @@ class AgentLoopManager:
 
     Args:
         config: the full trainer config.
-        server_addresses: ``http://host:port`` of each server (SGLang or the HF fallback server).
+        server_addresses: ``http://host:port`` of each server (SGLang, vLLM or the HF fallback server).
         tokenizer: the policy's tokenizer (loaded from ``actor_rollout_ref.model.path`` when ``None``).
         server_processes: the servers' processes when we launched them (named in errors).
-        worker_group: alternatively, a worker group whose ``get_rollout_server_addresses()`` lists them.
+        worker_group: alternatively, a worker group whose ``get_rollout_server_info()`` (or
+            ``get_rollout_server_addresses()``) lists them.
         request_timeout_s: seconds one generation request may take before the rollout fails.
+        server_apis: the protocol of each server (or one for all): ``"sglang"`` (``/generate``: SGLang, HF) or
+            ``"openai"`` (vLLM's ``/v1/completions``); default from ``actor_rollout_ref.rollout.name``.
     """
 
     def __init__(self,
@@ -285,14 +289,26 @@ class AgentLoopManager:
                  tokenizer: Any = None,
                  server_processes: Sequence[ServerProcess | None] | None = None,
                  worker_group: Any = None,
-                 request_timeout_s: float | None = None) -> None:
+                 request_timeout_s: float | None = None,
+                 server_apis: Sequence[str] | str | None = None) -> None:
         self.config = config
         if server_addresses is None and worker_group is not None:
-            server_addresses = [a for a in worker_group.get_rollout_server_addresses() if a]
+            server_addresses, apis, refs = self._servers_of(worker_group)
+            server_apis = server_apis if server_apis is not None else apis
+            server_processes = server_processes if server_processes is not None else refs
         if not server_addresses:
             raise ValueError("AgentLoopManager needs rollout server addresses (or a worker group that launched them)")
         self.server_addresses = list(server_addresses)
         self.server_processes = list(server_processes or [None] * len(self.server_addresses))
+        if server_apis is None:
+            from verl.workers.rollout.server_adapters import SERVER_APIS
+
+            server_apis = SERVER_APIS.get(str(cfg_select(config, f"{_R}.name", "hf")), "sglang")
+        if isinstance(server_apis, str):
+            server_apis = [server_apis] * len(self.server_addresses)
+        self.server_apis = list(server_apis)
+        if len(self.server_apis) != len(self.server_addresses):
+            raise ValueError(f"{len(self.server_apis)} server_apis for {len(self.server_addresses)} servers")
         if tokenizer is None:
             from verl.workers.config_helpers import load_tokenizer
 
@@ -308,6 +324,23 @@ class AgentLoopManager:
         _load_agent_loop_config(cfg_select(config, f"{_R}.agent.agent_loop_config_path", None))
         self._initialized: set[type] = set()
         self._class_lock = threading.Lock()
+
+    @staticmethod
+    def _servers_of(worker_group: Any) -> tuple[list[str], list[str] | None, list[Any] | None]:
+        """Addresses (and, from workers that tell, protocols and pid/log of servers on this node) of the servers a
+        worker group launched."""
+        import socket
+
+        getter = getattr(worker_group, "get_rollout_server_info", None)
+        infos = [i for i in getter() if i] if callable(getter) else []
+        if not infos or not all(isinstance(i, dict) and "address" in i for i in infos):
+            return [a for a in worker_group.get_rollout_server_addresses() if a], None, None
+        here = socket.gethostname()
+        refs = [
+            ServerRef(i["address"], i.get("pid"), i.get("log_path")) if i.get("hostname") == here else None
+            for i in infos
+        ]
+        return [i["address"] for i in infos], [str(i.get("api", "sglang")) for i in infos], refs
 
     def _agent_class(self, name: str) -> type:
         cls = get_agent_loop_class(name)
@@ -390,8 +423,8 @@ class AgentLoopManager:
         if prompts.meta_info.get("do_sample") is False:
             sampling["temperature"] = 0.0
         clients = [
-            AsyncRolloutClient(address, timeout_s=self.request_timeout_s, process=process)
-            for address, process in zip(self.server_addresses, self.server_processes)
+            make_rollout_client(address, api, timeout_s=self.request_timeout_s, process=process)
+            for address, api, process in zip(self.server_addresses, self.server_apis, self.server_processes)
         ]
         manager = AsyncLLMServerManager(clients)
         agent_names = prompts.non_tensor_batch.get("agent_name")

@@ -491,6 +491,9 @@ class RayPPOTrainer:
                 self._rollout_weight_version = int(stats.get("weight_version", -1))
                 push_metrics["timing_s/update_rollout_weights"] = float(stats.get("seconds", 0.0))
             output = self.async_rollout_manager.generate_sequences(gen_batch)
+            release = getattr(self.actor_rollout_wg, "release_rollout_memory", None)
+            if release is not None and any(release()):  # GPU, colocated: the server's memory goes to training
+                self._rollout_weights_stale = True
             push_metrics["rollout/weight_version"] = float(self._rollout_weight_version)
             output.meta_info.setdefault("metrics", {}).update(push_metrics)
             return output

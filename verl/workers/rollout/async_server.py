@@ -16,6 +16,10 @@ endpoint                          request -> answer
 ``POST /resume_memory_occupation``
 ================================  =====================================================================================
 
+vLLM's OpenAI-compatible server is driven token-in/token-out through ``POST /v1/completions`` (prompt token ids,
+``return_token_ids``, ``logprobs=0``) by :class:`OpenAICompletionsClient`; :func:`make_rollout_client` picks the
+client for a server's protocol, and :mod:`verl.workers.rollout.server_adapters` launches and updates each kind.
+
 Every failure to reach a server (refused, reset mid-request, killed, timed out) becomes a
 :class:`RolloutServerError` naming the server, the request and, for a server we launched, its exit code and the end
 of its log: a rollout never hangs on a dead server.
@@ -53,6 +57,9 @@ __all__ = [
     "serialize_named_tensors",
     "push_weights",
     "push_module_weights",
+    "ServerRef",
+    "OpenAICompletionsClient",
+    "make_rollout_client",
 ]
 
 
@@ -127,6 +134,36 @@ class ServerProcess:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+class ServerRef:
+    """A server another process launched (e.g. a worker on this node): its pid and log file, to name them in errors
+    the way :class:`ServerProcess` does (same ``exit_code`` / ``describe`` methods)."""
+
+    def __init__(self, address: str, pid: int | None, log_path: str | None) -> None:
+        self.address = address
+        self.pid = pid
+        self.log_path = log_path
+
+    def exit_code(self) -> int | None:
+        """``None`` while the process runs; ``-1`` once it is gone (not our child: its code is unknown)."""
+        if self.pid is None:
+            return None
+        try:
+            os.kill(int(self.pid), 0)
+        except ProcessLookupError:
+            return -1
+        except PermissionError:
+            return None
+        return None
+
+    def describe(self) -> str:
+        if self.pid is None:
+            return "the server may have died or be unreachable"
+        if self.exit_code() is None:
+            return f"its process (pid {self.pid}) is still running; log {self.log_path}"
+        tail = _tail(self.log_path) if self.log_path and os.path.exists(self.log_path) else "(log not readable here)"
+        return f"its process (pid {self.pid}) is gone; last lines of {self.log_path}:\n{tail}"
 
 
 # ------------------------------------------------------------------------------------------- sync transport ---
@@ -302,10 +339,14 @@ def parse_generate_result(result: dict) -> TokenOutput:
     finish = meta.get("finish_reason") or {}
     reason = finish.get("type", "stop") if isinstance(finish, dict) else str(finish)
     version = meta.get("weight_version")
+    try:  # the HF server counts updates; SGLang reports a label ("default" until one is set)
+        version = int(version) if version is not None else None
+    except (TypeError, ValueError):
+        version = None
     return TokenOutput(token_ids=[int(t) for t in result["output_ids"]],
                        log_probs=log_probs,
                        stop_reason=str(reason),
-                       weight_version=int(version) if version is not None else None,
+                       weight_version=version,
                        extra={
                            k: v for k, v in meta.items() if k != "output_token_logprobs"
                        })
@@ -389,3 +430,84 @@ class AsyncRolloutClient:
         if isinstance(result, list):
             return [parse_generate_result(r) for r in result]
         return parse_generate_result(result)
+
+
+def _openai_request(prompt_ids: list[int], sampling_params: dict[str, Any], model: str,
+                    return_logprob: bool) -> dict[str, Any]:
+    """SGLang-named sampling parameters -> a vLLM ``/v1/completions`` body, token ids in and out."""
+    renamed = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "sampling_seed": "seed"}
+    body: dict[str, Any] = {"model": model, "prompt": [int(t) for t in prompt_ids], "max_tokens": 128}
+    for key, value in sampling_params.items():
+        if value is None:
+            continue
+        body[renamed.get(key, key)] = value
+    body.update(return_token_ids=True,
+                return_tokens_as_token_ids=True,
+                skip_special_tokens=False,
+                logprobs=0 if return_logprob else None,
+                stream=False)
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def parse_completion_choice(choice: dict) -> TokenOutput:
+    """One ``/v1/completions`` choice (with ``return_token_ids``) -> :class:`TokenOutput`."""
+    ids = choice.get("token_ids")
+    logprobs = choice.get("logprobs") or {}
+    if ids is None:  # older servers: the ids only as "token_id:N" strings of the log-prob tokens
+        tokens = logprobs.get("tokens")
+        if tokens is None:
+            raise RolloutServerError(f"unexpected /v1/completions choice (no token_ids): {str(choice)[:500]}")
+        ids = [int(str(t).split(":", 1)[1]) for t in tokens]
+    log_probs = logprobs.get("token_logprobs")
+    if log_probs is not None:
+        log_probs = [float(lp) if lp is not None else 0.0 for lp in log_probs][:len(ids)]
+    reason = choice.get("finish_reason") or "stop"
+    return TokenOutput(token_ids=[int(t) for t in ids],
+                       log_probs=log_probs,
+                       stop_reason="length" if reason == "length" else ("abort" if reason == "abort" else "stop"),
+                       extra={"stop_reason": choice.get("stop_reason")})
+
+
+class OpenAICompletionsClient(AsyncRolloutClient):
+    """asyncio client of vLLM's OpenAI-compatible server, token-in/token-out: ``generate`` posts the prompt ids to
+    ``/v1/completions`` (``return_token_ids``, ``logprobs=0`` for the sampled tokens' log-probs) and returns the
+    same :class:`TokenOutput` as the SGLang-API client."""
+
+    def __init__(self, address: str, timeout_s: float = 600.0, process: Any = None, model: str | None = None) -> None:
+        super().__init__(address, timeout_s=timeout_s, process=process)
+        self.model = model
+
+    async def _model_name(self) -> str:
+        if self.model is None:
+            session = await self._get_session()
+            try:
+                async with session.get(f"{self.address}/v1/models") as response:
+                    data = json.loads(await response.read())
+                self.model = str(data["data"][0]["id"])
+            except Exception as exc:  # noqa: BLE001 - any failure here means the server cannot serve us
+                raise RolloutServerError(f"rollout server {self.address}/v1/models did not name a model "
+                                         f"({type(exc).__name__}: {exc}); {await self._death_detail()}") from exc
+        return self.model
+
+    async def generate(self,
+                       prompt_ids: list[int],
+                       sampling_params: dict[str, Any],
+                       return_logprob: bool = True) -> TokenOutput | list[TokenOutput]:
+        body = _openai_request(prompt_ids, dict(sampling_params), await self._model_name(), return_logprob)
+        result = await self.post("/v1/completions", body)
+        choices = sorted((result or {}).get("choices") or [], key=lambda c: int(c.get("index", 0)))
+        if not choices:
+            raise RolloutServerError(f"rollout server {self.address}/v1/completions returned no choices: "
+                                     f"{str(result)[:500]}")
+        outputs = [parse_completion_choice(c) for c in choices]
+        return outputs if len(outputs) > 1 else outputs[0]
+
+
+def make_rollout_client(address: str, api: str = "sglang", timeout_s: float = 600.0, process: Any = None) -> Any:
+    """The client of a server speaking ``api``: ``"sglang"`` (``/generate``: SGLang and the HF server) or
+    ``"openai"`` (vLLM's ``/v1/completions``)."""
+    if api == "sglang":
+        return AsyncRolloutClient(address, timeout_s=timeout_s, process=process)
+    if api == "openai":
+        return OpenAICompletionsClient(address, timeout_s=timeout_s, process=process)
+    raise ValueError(f"unknown rollout server API {api!r}; expected 'sglang' or 'openai'")

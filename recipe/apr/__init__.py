@@ -1,0 +1,1 @@
+"""Adaptive Parallel Reasoning (APR) on countdown with GRPO: see recipe/apr/README.md."""
