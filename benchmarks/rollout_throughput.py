@@ -1,9 +1,10 @@
-"""Generation throughput of the rollout backends on the same batch: the HF ``generate`` rollout and the vLLM rollout
-(whichever are importable here), on CPU or GPU.
+"""Generation throughput of the rollout backends on the same batch: the HF ``generate`` rollout, the vLLM rollout and
+the SGLang rollout (whichever are importable here: vLLM and SGLang each live in their own venv), on CPU or GPU.
 
 Every row generates exactly ``--response-length`` tokens (``ignore_eos``), sampled at temperature 1, so tokens/s is
 ``batch * response_length / seconds`` for both. The vLLM engine gets its weights from the HF model through the
 hybrid engine's sharding manager (as in training); engine start and weight sync are reported apart from generation.
+The SGLang engine (``--backends sglang``, in the venv of ``scripts/ci/setup_sglang_env.sh``) is fed the same way.
 
     python benchmarks/rollout_throughput.py                       # tiny model, 64 prompts x 64 new tokens
     python benchmarks/rollout_throughput.py --batch 128 --backends vllm --model /path/to/hf_model
@@ -26,7 +27,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=64, help="prompts per batch")
     parser.add_argument("--prompt-length", type=int, default=32, help="tokens per prompt")
     parser.add_argument("--response-length", type=int, default=64, help="new tokens per prompt")
-    parser.add_argument("--backends", default="hf,vllm", help="comma-separated: hf, vllm")
+    parser.add_argument("--backends", default="hf,vllm,sglang", help="comma-separated: hf, vllm, sglang")
     parser.add_argument("--repeats", type=int, default=3, help="timed generations per backend (after one warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads (CPU)")
     parser.add_argument("--seed", type=int, default=0)
@@ -125,8 +126,33 @@ def main() -> None:
                 sync = manager.metrics["perf/weight_sync_s"]
                 times = _time_generate(rollout.generate_sequences, prompts, args.repeats)
             rows.append(("vllm", init, sync, times))
+        elif backend == "sglang":
+            if importlib.util.find_spec("sglang") is None:
+                print("sglang: not installed here, skipped (bash scripts/ci/setup_sglang_env.sh .venv-sglang)")
+                continue
+            from omegaconf import OmegaConf
+
+            from verl.workers.rollout.sglang_rollout import SGLangRollout
+            from verl.workers.sharding_manager.fsdp_sglang import FSDPSGLangShardingManager
+
+            sglang_config = OmegaConf.create({
+                **config, "name": "sglang",
+                "max_model_len": args.prompt_length + args.response_length,
+                "free_cache_engine": True
+            })
+            start = time.perf_counter()
+            rollout = SGLangRollout(path, sglang_config, tokenizer=tokenizer, load_format="dummy")
+            init = time.perf_counter() - start
+            try:
+                manager = FSDPSGLangShardingManager(model, rollout.engine)
+                with manager:
+                    sync = manager.metrics["perf/weight_sync_s"]
+                    times = _time_generate(rollout.generate_sequences, prompts, args.repeats)
+            finally:
+                rollout.shutdown()
+            rows.append(("sglang", init, sync, times))
         else:
-            raise SystemExit(f"unknown backend {backend!r}; use hf and/or vllm")
+            raise SystemExit(f"unknown backend {backend!r}; use hf, vllm and/or sglang")
 
     device = "cuda" if is_cuda_available() else f"cpu ({args.threads} thread{'s' if args.threads > 1 else ''})"
     print(f"\nmodel {path}\ndevice {device}, dtype {dtype}, batch {args.batch} x prompt {args.prompt_length} + "
