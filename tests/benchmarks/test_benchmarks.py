@@ -1,0 +1,208 @@
+"""The benchmark scripts (``benchmarks/grpo_step.py``, ``learning.py``, ``components.py``) at their smallest size:
+each runs end to end (this library's real trainer and TRL's ``GRPOTrainer``, 2 steps, 1 repeat) and prints its
+tables and writes JSON with sane values.
+
+The three scripts run concurrently (independent processes, much of their time is process start-up), and the runs
+of this library join one Ray cluster started here (``$RAY_ADDRESS``) instead of starting one each. When TRL is
+not importable the TRL-half tests are skipped with the reason, and the scripts must say that they skipped it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import ray
+
+from verl.single_controller.ray.utils import local_ray_init_kwargs
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCH = os.path.join(REPO, "benchmarks")
+sys.path.insert(0, BENCH)
+
+import _harness  # noqa: E402
+
+TRL_MISSING = _harness.trl_unavailable_reason()
+needs_trl = pytest.mark.skipif(TRL_MISSING is not None, reason=f"TRL half skipped: {TRL_MISSING}")
+
+# the smallest workload: 2 prompts x 2 samples x 8 tokens, 2 steps (the first is the warm-up), 1 repeat
+SMALL = ["--size", "tiny", "--batch", "2", "--n", "2", "--response-length", "8", "--micro-batch", "4", "--steps", "2"]
+ROWS, RESPONSE = 4, 8
+SCRIPTS = {
+    "grpo_step": SMALL + ["--repeats", "1", "--warmup", "1"],
+    "learning": SMALL[2:] + ["--model", "tiny", "--eval-every", "2", "--eval-rows", "4"],
+    "components": SMALL + ["--scales", "1", "--warmup", "1"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Run the three scripts (concurrently) against one Ray cluster; ``{name: {"rc", "stdout", "json", "s"}}``."""
+    root = tmp_path_factory.mktemp("benchmarks")
+    ray.init(**local_ray_init_kwargs(num_cpus=8))
+    try:
+        env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, PYTHONUNBUFFERED="1")
+        procs = {}
+        for name, args in SCRIPTS.items():
+            out = root / f"{name}.json"
+            cmd = [
+                sys.executable,
+                os.path.join(BENCH, f"{name}.py"), *args, "--out",
+                str(out), "--work-dir",
+                str(root / name)
+            ]
+            procs[name] = (subprocess.Popen(cmd,
+                                            stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT,
+                                            text=True,
+                                            env=env,
+                                            cwd=REPO), out, time.perf_counter())
+        results = {}
+        for name, (proc, out, start) in procs.items():
+            try:
+                stdout, _ = proc.communicate(timeout=900)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                stdout, _ = proc.communicate()
+            payload = json.loads(out.read_text()) if out.exists() else None
+            results[name] = {"rc": proc.returncode, "stdout": stdout, "json": payload, "s": time.perf_counter() - start}
+        yield results
+    finally:
+        ray.shutdown()
+
+
+def _ok(runs, name):
+    run = runs[name]
+    assert run["rc"] == 0 and run["json"] is not None, f"{name}.py failed (exit {run['rc']}):\n{run['stdout'][-4000:]}"
+    return run
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# grpo_step.py
+
+
+def _check_step_summary(s, steps_timed: int):
+    assert s["runs"] == 1 and s["timed_steps"] == steps_timed
+    for key in ("step_s", "gen_s", "train_s", "gen_tokens_per_s", "train_tokens_per_s", "peak_memory_gb"):
+        assert _positive(s[key]), (key, s[key])
+    assert s["step_s"] > s["gen_s"] and s["step_s_min"] <= s["step_s"] <= s["step_s_max"]
+    assert s["gen_tokens_per_step"] == ROWS * RESPONSE  # fixed-length responses
+    # every prompt of the arithmetic task is 20-30 tokens with the chat template
+    assert ROWS * 20 <= s["prompt_tokens_per_step"] <= ROWS * 30
+    assert 0.05 < s["peak_memory_gb"] < 16
+
+
+def test_grpo_step_ours_half(runs):
+    run = _ok(runs, "grpo_step")
+    payload, stdout = run["json"], run["stdout"]
+    ours = payload["summary"]["ours"]
+    _check_step_summary(ours, steps_timed=1)
+    phases = ours["phases_s"]
+    for key in ("gen", "weight_sync", "old_log_prob", "update_actor", "reward"):
+        assert phases[key] >= 0, key
+    assert phases["gen"] + phases["old_log_prob"] + phases["update_actor"] <= ours["step_s"] * 1.001
+    assert payload["workload"]["batch"] == 2 and payload["workload"]["n"] == 2
+    assert payload["environment"]["versions"]["torch"] and payload["environment"]["device"] in ("cpu", "cuda")
+    assert len(payload["runs"]["ours"]) == 1 and len(payload["runs"]["ours"][0]["steps"]) == 2
+    assert "| step time, s: median [min-max] |" in stdout and "ours, per phase" in stdout
+    assert "old log-prob recompute" in stdout
+
+
+@needs_trl
+def test_grpo_step_trl_half_and_ratios(runs):
+    run = _ok(runs, "grpo_step")
+    payload, stdout = run["json"], run["stdout"]
+    summary = payload["summary"]
+    trl, ours = summary["trl"], summary["ours"]
+    _check_step_summary(trl, steps_timed=1)
+    # the same prompts, in the same order, of the same length: the same tokens on both sides
+    assert trl["total_tokens_per_step"] == ours["total_tokens_per_step"]
+    for key, value in summary["ratio_ours_over_trl"].items():
+        assert _positive(value), (key, value)
+    assert math.isclose(summary["ratio_ours_over_trl"]["step_s"], ours["step_s"] / trl["step_s"])
+    assert math.isclose(summary["gap_s"]["total"], ours["step_s"] - trl["step_s"])
+    assert "TRL, per phase" in stdout and "largest gap:" in stdout
+    assert payload["skipped"] == {}
+
+
+def test_grpo_step_says_when_trl_is_skipped(runs):
+    run = _ok(runs, "grpo_step")
+    if TRL_MISSING is None:
+        assert "TRL half skipped" not in run["stdout"]
+        return
+    assert "TRL half skipped" in run["stdout"] and run["json"]["skipped"].get("trl") == TRL_MISSING
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# learning.py
+
+
+def _check_curve(curve, steps: int):
+    assert len(curve["reward"]) == steps
+    assert all(0.0 <= r <= 1.0 for r in curve["reward"])
+    assert sorted(curve["greedy_accuracy"], key=int) == ["0", "2"]
+    assert all(0.0 <= a <= 1.0 for a in curve["greedy_accuracy"].values())
+
+
+def test_learning_ours_half(runs):
+    run = _ok(runs, "learning")
+    payload, stdout = run["json"], run["stdout"]
+    assert payload["samples_per_step"] == ROWS and payload["eval_steps"] == [0, 2]
+    _check_curve(payload["curves"]["ours"], steps=2)
+    assert 0.0 <= payload["initial_accuracy"] <= 1.0
+    assert payload["final_accuracy"]["ours"] == payload["curves"]["ours"]["greedy_accuracy"]["2"]
+    assert "training reward" in stdout and "greedy test accuracy" in stdout and "final greedy test accuracy" in stdout
+    # the starting model and the step-2 checkpoint's Hugging Face weights were evaluated
+    assert set(payload["runs"]["ours"][0]["evals"]) == {"0", "2"}
+
+
+@needs_trl
+def test_learning_trl_half(runs):
+    run = _ok(runs, "learning")
+    payload = run["json"]
+    _check_curve(payload["curves"]["trl"], steps=2)
+    # the same number of generated samples on both sides
+    assert len(payload["runs"]["trl"][0]["steps"]) == len(payload["runs"]["ours"][0]["steps"]) == 2
+    # both evaluated the same starting weights with the same greedy evaluator
+    starts = payload["initial_accuracy_per_run"]
+    assert len(starts) == 2 and starts[0] == starts[1] == payload["initial_accuracy"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# components.py
+
+
+def test_components_cpu_parts(runs):
+    run = _ok(runs, "components")
+    payload, stdout = run["json"], run["stdout"]
+    phases = payload["phases"]
+    for key in ("decode_tokens_per_s", "update_tokens_per_s", "update_achieved_tflops", "log_prob_tokens_per_s",
+                "weight_sync_s", "weight_sync_gb", "weight_sync_gb_per_s"):
+        assert _positive(phases[key]), (key, phases[key])
+    # the sync moves every parameter once (fp32 on CPU, bf16 on GPU)
+    bytes_per_param = 2 if payload["environment"]["device"] == "cuda" else 4
+    expected_gb = payload["model"]["parameters"] * bytes_per_param / 1024**3
+    assert math.isclose(phases["weight_sync_gb"], expected_gb, rel_tol=0.05), (phases["weight_sync_gb"], expected_gb)
+    assert list(payload["scaling"]) == ["1"] and _positive(payload["scaling"]["1"]["step_s"])
+    assert "| rollout decode | tokens/s |" in stdout and "scaling" in stdout
+
+
+def test_components_gpu_parts_run_or_skip_with_reason(runs):
+    run = _ok(runs, "components")
+    payload, stdout = run["json"], run["stdout"]
+    if payload["environment"]["device"] == "cuda":
+        rates = payload["device_rates"]
+        assert _positive(rates["copy_bandwidth_gb_per_s"]) and _positive(rates["bf16_matmul_tflops"])
+        assert 0 < payload["phases"]["decode_share_of_roof"] <= 1.5
+        return
+    assert payload["device_rates"] is None
+    assert set(payload["skipped"]) == {"device_rates", "decode_roof", "update_mfu_vs_bf16_matmul"}
+    assert "skipped (no CUDA device" in stdout
