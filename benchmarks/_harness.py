@@ -954,6 +954,14 @@ def write_json(path: Optional[str], payload: dict[str, Any]) -> None:
     print(f"\nwrote {path}")
 
 
+def finish(args: argparse.Namespace, payload: dict[str, Any], work_dir: str, temporary: bool) -> dict[str, Any]:
+    """Every script ends alike: write the JSON (``--out``), remove a temporary work dir unless ``--keep``."""
+    write_json(args.out, payload)
+    if temporary and not args.keep:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return payload
+
+
 def add_workload_args(parser: argparse.ArgumentParser, presets: Sequence[str], libs: bool = True) -> None:
     """The workload flags shared by the scripts (each overrides the chosen preset); ``libs``: offer ``--libs``."""
     parser.add_argument("--size", choices=list(presets), default=presets[0], help="workload preset")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, replace
@@ -285,10 +284,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             str(scale): results[scale] for scale in scales
         },
     }
-    h.write_json(args.out, payload)
-    if temporary and not args.keep:
-        shutil.rmtree(work_dir, ignore_errors=True)
-    return payload
+    return h.finish(args, payload, work_dir, temporary)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from typing import Any, Optional
 
@@ -192,10 +191,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "skipped": skipped,
         "runs": results,
     }
-    h.write_json(args.out, payload)
-    if temporary and not args.keep:
-        shutil.rmtree(work_dir, ignore_errors=True)
-    return payload
+    return h.finish(args, payload, work_dir, temporary)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from dataclasses import asdict, replace
 from typing import Any, Optional
@@ -194,10 +193,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "skipped": skipped,
         "runs": results,
     }
-    h.write_json(args.out, payload)
-    if temporary and not args.keep:
-        shutil.rmtree(work_dir, ignore_errors=True)
-    return payload
+    return h.finish(args, payload, work_dir, temporary)
 
 
 if __name__ == "__main__":

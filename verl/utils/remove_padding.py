@@ -125,25 +125,24 @@ def has_varlen_attention(model: torch.nn.Module) -> bool:
     return "flash" in _attn_implementation(model)
 
 
-def _padded_response_positions(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor,
-                               position_ids: torch.Tensor, r: int, keep_logits: bool,
-                               kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``use_remove_padding`` results (valid positions only) from a padded forward, for attention without a varlen
-    kernel: columns that are padding in every row before the first valid token are cut first (left-padded
-    prompts), the rest attends with the ordinary padding mask."""
+def _padded_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    position_ids: torch.Tensor, r: int, keep_logits: bool, kwargs: dict[str, Any]) -> torch.Tensor:
+    """Logits ``(batch, r, ...)`` at the positions predicting the last ``r`` tokens, from the padded batch.
+
+    Columns that are padding in every row before the first valid token (prompts left-padded to
+    ``data.max_prompt_length``) are cut first: they are masked out of every row's attention, so the logits are the
+    same, and a batch of short prompts costs what its longest prompt needs."""
     seqlen = input_ids.shape[1]
-    valid_columns = mask.any(dim=0).nonzero()
+    valid_columns = attention_mask.bool().any(dim=0).nonzero()
     first = int(valid_columns[0]) if valid_columns.numel() else 0
     first = min(first, seqlen - r - 1)  # keep every position that predicts a response token
     if keep_logits:
         kwargs["logits_to_keep"] = r + 1
     output = model(input_ids=input_ids[:, first:],
-                   attention_mask=mask[:, first:].long(),
+                   attention_mask=attention_mask[:, first:],
                    position_ids=position_ids[:, first:],
                    **kwargs)
-    logits = _output_logits(output)[:, -r - 1:-1]
-    selected = mask[:, seqlen - r - 1:seqlen - 1]
-    return logits[selected], selected
+    return _output_logits(output)[:, -r - 1:-1]
 
 
 @lru_cache(maxsize=None)
@@ -205,10 +204,7 @@ def forward_response_positions(model: torch.nn.Module,
     kwargs["use_cache"] = False
 
     if not use_remove_padding:
-        if keep_logits:
-            kwargs["logits_to_keep"] = r + 1
-        output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
-        logits = _output_logits(output)[:, -r - 1:-1]
+        logits = _padded_forward(model, input_ids, attention_mask, position_ids, r, keep_logits, kwargs)
         selected = torch.ones((batch, r), dtype=torch.bool, device=input_ids.device)
         return logits.reshape(batch * r, *logits.shape[2:]), selected
 
@@ -221,7 +217,10 @@ def forward_response_positions(model: torch.nn.Module,
                          "them as clamp(cumsum(attention_mask) - 1, min=0)); got rows starting at "
                          f"{pos_rmpad[0, starts].tolist()}")
     if packed_mask is None and not has_varlen_attention(model):
-        return _padded_response_positions(model, input_ids, mask, position_ids, r, keep_logits, kwargs)
+        # no varlen kernel: the padded batch gives the same logits for less work (see has_varlen_attention)
+        selected = mask[:, seqlen - r - 1:seqlen - 1]
+        return _padded_forward(model, input_ids, attention_mask, position_ids, r, keep_logits,
+                               kwargs)[selected], selected
     ids_rmpad = input_ids.flatten()[indices].unsqueeze(0)  # (1, total)
     # packed index of each padded position (valid ones only), and the positions predicting response tokens
     packed_index = (torch.cumsum(mask.flatten().long(), dim=0) - 1).view(batch, seqlen)
