@@ -213,7 +213,7 @@ def test_wrong_directories_give_clear_errors(trained, tmp_path, capsys):
     assert os.path.isfile(tmp_path / "o2" / "model.safetensors")
 
     megatron = ModelMergerConfig(operation="merge", backend="megatron", local_dir=trained["ckpt"], target_dir="x")
-    with pytest.raises(NotImplementedError, match="--backend megatron is not implemented"):
+    with pytest.raises(FileNotFoundError, match="this is an FSDP checkpoint: use --backend fsdp"):
         get_merger(megatron).merge_and_save()
 
 

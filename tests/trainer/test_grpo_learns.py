@@ -42,7 +42,7 @@ def cluster():
 
 
 def test_grpo_raises_the_mean_reward(cluster, tmp_path):
-    model = get_warmed_model_path(steps=120)  # enough SFT to write "#### <number>"; cached across runs
+    model = get_warmed_model_path(steps=120, answer_line_ratio=1.0)  # writes "#### <number>"; cached
     data = write_arithmetic_task(str(tmp_path / "data"), train_size=512, test_size=8)
     reward = tmp_path / "even_answer.py"
     reward.write_text(REWARD)

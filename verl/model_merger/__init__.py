@@ -1,16 +1,19 @@
-"""Convert verl checkpoints into Hugging Face model directories: ``python -m verl.model_merger merge --backend fsdp
---local_dir CKPT/global_step_N/actor --target_dir OUT`` (see :mod:`.base_model_merger`)."""
+"""Convert verl checkpoints into Hugging Face model directories: ``python -m verl.model_merger merge --backend
+{fsdp,megatron} --local_dir CKPT/global_step_N/actor --target_dir OUT`` (see :mod:`.base_model_merger`)."""
 from verl.model_merger.base_model_merger import BaseModelMerger, ModelMergerConfig, generate_config_from_args
 from verl.model_merger.fsdp_model_merger import FSDPModelMerger, merge_fsdp_checkpoint
+from verl.model_merger.megatron_model_merger import MegatronModelMerger, merge_megatron_checkpoint
 
 __all__ = [
     "BaseModelMerger",
     "FSDPModelMerger",
+    "MegatronModelMerger",
     "ModelMergerConfig",
     "generate_config_from_args",
     "get_merger",
     "main",
     "merge_fsdp_checkpoint",
+    "merge_megatron_checkpoint",
 ]
 
 
@@ -19,8 +22,6 @@ def get_merger(config: ModelMergerConfig) -> BaseModelMerger:
     if config.backend == "fsdp":
         return FSDPModelMerger(config)
     if config.backend == "megatron":
-        from verl.model_merger.megatron_model_merger import MegatronModelMerger
-
         return MegatronModelMerger(config)
     raise ValueError(f"unknown backend {config.backend!r}; use fsdp or megatron")
 

@@ -3,6 +3,7 @@
 Usage::
 
     python -m verl.model_merger merge --backend fsdp --local_dir CKPT/global_step_N/actor --target_dir OUT
+    python -m verl.model_merger merge --backend megatron --local_dir CKPT/global_step_N/actor --target_dir OUT
     python -m verl.model_merger test  --backend fsdp --local_dir CKPT/global_step_N/actor --test_hf_dir REF
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 RL from random weights learns nothing in minutes: the tiny model would never produce a correct answer, so every
 reward would be 0. ``python -m verl.trainer.main_ppo`` with no arguments therefore starts from a model that
 :func:`verl.trainer.fsdp_sft_trainer.run_sft` has trained, in this process, on worked solutions of a few thousand
-problems of the arithmetic train split (never the test split): enough to learn the answer format and some of the
+arithmetic problems that are in neither the RL train split nor the test split: enough to learn the answer format and some of the
 arithmetic, so validation accuracy starts low but not at zero and GRPO has room to raise it.
 
 The result is built once and cached under ``$VERL_WARMUP_CACHE`` (default ``~/.cache/verl/warmup``), in a
@@ -28,19 +28,21 @@ __all__ = [
 CACHE_ENV = "VERL_WARMUP_CACHE"
 RECIPE_FILE = "warmup.json"
 
-#: The warm-up: SFT of the tiny model on ``train_rows`` problems of the arithmetic train split (their first rows,
-#: the same problems the RL train split starts with; the test split is disjoint), for ``steps`` optimizer steps of
-#: ``batch_size`` rows at a peak learning rate ``lr`` (linear warm-up, cosine decay).
+#: The warm-up: SFT of the tiny model on ``train_rows`` arithmetic problems disjoint from both splits of the RL task
+#: (:func:`verl.utils.dataset.tasks.write_arithmetic_warmup`), for ``steps`` optimizer steps of ``batch_size`` rows
+#: at a peak learning rate ``lr`` (linear warm-up, cosine decay). ``answer_line_ratio``: fraction of the warm-up
+#: solutions that end with the ``#### N`` line the reward reads (the rest stop after the last column).
 WARMUP_RECIPE: dict[str, Any] = {
     "train_rows": 2048,
     "val_rows": 64,
-    "steps": 250,
+    "steps": 300,
     "batch_size": 64,
     "lr": 3e-3,
     "warmup_steps_ratio": 0.05,
     "weight_decay": 0.0,
     "max_length": 96,
     "seed": 0,
+    "answer_line_ratio": 0.5,
 }
 
 
@@ -121,16 +123,16 @@ def build_warmed_model(out_dir: str, base_model_path: str, recipe: dict[str, Any
     tokenizer) to ``out_dir``; returns a summary (losses, time) that is also stored as ``warmup.json``."""
     from verl.trainer.fsdp_sft_trainer import run_sft
     from verl.utils.checkpoint.hf_checkpoint import HF_WEIGHT_SUFFIXES, copy_hf_assets
-    from verl.utils.dataset.tasks import write_arithmetic_task
+    from verl.utils.dataset.tasks import write_arithmetic_warmup
 
     start = time.time()
     work = tempfile.mkdtemp(prefix="verl-warmup-")
     try:
-        data = write_arithmetic_task(os.path.join(work, "data"),
-                                     train_size=int(recipe["train_rows"]),
-                                     test_size=int(recipe["val_rows"]),
-                                     seed=int(recipe["seed"]),
-                                     sft=True)
+        data = write_arithmetic_warmup(os.path.join(work, "data"),
+                                       train_size=int(recipe["train_rows"]),
+                                       val_size=int(recipe["val_rows"]),
+                                       seed=int(recipe["seed"]),
+                                       answer_line_ratio=float(recipe["answer_line_ratio"]))
         result = run_sft(_sft_config(recipe, base_model_path, data, os.path.join(work, "ckpt")))
         hf_dir = result["hf_model_dir"]
         if hf_dir is None:

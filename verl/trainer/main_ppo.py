@@ -47,6 +47,7 @@ EMBEDDED_DEFAULT_OVERRIDES: dict[str, Any] = {
     "data.max_response_length": 48,
     "data.val_max_samples": 128,
     "actor_rollout_ref.rollout.n": 4,
+    "actor_rollout_ref.rollout.temperature": 0.6,
     "actor_rollout_ref.actor.ppo_mini_batch_size": 16,
     "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": 16,
     "actor_rollout_ref.actor.optim.lr": 3e-5,

@@ -1,5 +1,6 @@
-"""Shared mechanics of the data-parallel actor and critic updates: config access, micro-batching, loss weighting
-across micro-batches and ranks, and the guarded optimizer step.
+"""Shared mechanics of the data-parallel actor and critic updates (FSDP and Megatron): config access, micro-batching,
+loss weighting across micro-batches and ranks, the guarded optimizer step, and the epochs / mini-batch schedule
+(:func:`run_ppo_epochs`).
 
 Loss weighting. A mini-batch is split into micro-batches (gradient accumulation) and across data-parallel ranks
 (FSDP averages gradients over ranks). Each micro-batch's aggregated loss is multiplied by
@@ -12,8 +13,10 @@ depend on the micro-batch size, on ``use_dynamic_bsz`` or on the number of ranks
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -21,6 +24,8 @@ import torch.distributed as dist
 from verl.utils.device import get_device, get_device_name
 
 __all__ = [
+    "FORWARD_KEYS",
+    "require_batch_keys",
     "cfg_get",
     "to_float",
     "DPInfo",
@@ -29,10 +34,26 @@ __all__ = [
     "micro_batch_weight",
     "split_micro_batches",
     "guarded_optimizer_step",
+    "PPOSchedule",
+    "run_ppo_epochs",
     "append_to_dict",
     "mean_metric_lists",
     "device_of",
 ]
+
+#: the batch columns every actor/critic forward reads
+FORWARD_KEYS = ("responses", "input_ids", "attention_mask", "position_ids")
+
+
+def require_batch_keys(data: Any, keys: Any, where: str) -> None:
+    """Raise a KeyError naming the columns ``where`` needs that ``data`` (a DataProto) lacks, and those it has."""
+    missing = [k for k in keys if data.batch is None or k not in data.batch.keys()]
+    if missing:
+        raise KeyError(f"{where} needs batch columns {missing}; the batch has "
+                       f"{[] if data.batch is None else sorted(data.batch.keys())}")
+
+
+logger = logging.getLogger(__name__)
 
 # modes whose aggregated value is a mean over sequences (weight by sequence share); token-mean weighs by tokens
 _SEQ_MEAN_MODES = ("seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -167,6 +188,83 @@ def guarded_optimizer_step(module: torch.nn.Module, optimizer: torch.optim.Optim
         return norm, False
     optimizer.step()
     return norm, True
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOSchedule:
+    """How a PPO update walks its rows (an ``actor`` or ``critic`` config; sizes per data-parallel rank)."""
+
+    epochs: int
+    mini_batch_size: int
+    micro_batch_size: int | None
+    use_dynamic_bsz: bool
+    max_token_len: int | None  # per forward with use_dynamic_bsz, else None
+    shuffle: bool
+    loss_agg_mode: str
+
+    @classmethod
+    def from_config(cls, config: Any, role: str, rows_per: str = "GPU", token_scale: int = 1) -> "PPOSchedule":
+        """Read and check the schedule keys of ``config`` (``role``: ``actor`` / ``critic``, named in errors;
+        ``token_scale`` multiplies ``ppo_max_token_len_per_gpu``, e.g. by the Ulysses group size)."""
+        mini = cfg_get(config, "ppo_mini_batch_size")
+        if mini is None or int(mini) <= 0:
+            raise ValueError(f"{role}.ppo_mini_batch_size must be a positive int (rows per {rows_per} after the "
+                             f"worker's normalisation), got {mini!r}")
+        use_dynamic = bool(cfg_get(config, "use_dynamic_bsz", False))
+        max_token_len = cfg_get(config, "ppo_max_token_len_per_gpu")
+        if use_dynamic and not max_token_len:
+            raise ValueError(f"{role}.use_dynamic_bsz=True needs {role}.ppo_max_token_len_per_gpu")
+        return cls(epochs=int(cfg_get(config, "ppo_epochs", 1)),
+                   mini_batch_size=int(mini),
+                   micro_batch_size=cfg_get(config, "ppo_micro_batch_size_per_gpu"),
+                   use_dynamic_bsz=use_dynamic,
+                   max_token_len=int(max_token_len) * token_scale if use_dynamic else None,
+                   shuffle=bool(cfg_get(config, "shuffle", False)),
+                   loss_agg_mode=str(cfg_get(config, "loss_agg_mode", "token-mean")))
+
+
+def run_ppo_epochs(data: Any,
+                   schedule: PPOSchedule,
+                   accumulate_grads: Callable[[list[Any], float], list[dict[str, Any]]],
+                   optimizer_step: Callable[[], tuple[float, bool]],
+                   *,
+                   role: str,
+                   dp: DPInfo,
+                   generator: torch.Generator | None = None,
+                   log: logging.Logger | None = None) -> tuple[dict[str, list], int]:
+    """The update loop every PPO actor and critic shares (FSDP and Megatron), so that the backends only differ in
+    how one mini-batch's gradients are computed.
+
+    ``schedule.epochs`` passes over ``data`` (a DataProto with ``response_mask``; a new permutation from
+    ``generator`` each pass with ``schedule.shuffle``), split into mini-batches. Each mini-batch is split into
+    micro-batches (:func:`split_micro_batches`) and handed, with its units over all DP ranks
+    (:func:`loss_weight_context`), to ``accumulate_grads(micro_batches, global_units)``, which zeroes the gradients,
+    accumulates those of every micro-batch and returns each micro-batch's metrics; then ``optimizer_step()`` returns
+    ``(grad_norm, stepped)`` (not stepped: the norm was not finite; a warning on ``log``).
+
+    Returns the metric lists (micro-batch metrics, ``<role>/grad_norm`` per mini-batch, ``<role>/skipped_steps``) and
+    the number of skipped optimizer steps.
+    """
+    log = log or logger
+    metrics: dict[str, list] = {}
+    skipped = 0
+    for _epoch in range(schedule.epochs):
+        epoch_data = data
+        if schedule.shuffle and len(data) > 1:
+            epoch_data = data.select_idxs(torch.randperm(len(data), generator=generator))
+        for mini_batch in epoch_data.split(schedule.mini_batch_size):
+            global_units = loss_weight_context(mini_batch.batch["response_mask"], schedule.loss_agg_mode, dp)
+            micro_batches = split_micro_batches(mini_batch, schedule.use_dynamic_bsz, schedule.micro_batch_size,
+                                                schedule.max_token_len, dp)
+            for micro_metrics in accumulate_grads(micro_batches, global_units):
+                append_to_dict(metrics, micro_metrics)
+            grad_norm, stepped = optimizer_step()
+            if not stepped:
+                skipped += 1
+                log.warning("%s: gradient norm is %s, skipping this optimizer step", role, grad_norm)
+            append_to_dict(metrics, {f"{role}/grad_norm": grad_norm})
+    metrics[f"{role}/skipped_steps"] = [float(skipped)]
+    return metrics, skipped
 
 
 def mean_metric_lists(metrics: dict[str, list]) -> dict[str, float]:

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from verl.protocol import DataProto
 from verl.trainer.ppo import core_algos
-from verl.trainer.ppo.ray_trainer import (ResourcePoolManager, Role, apply_kl_penalty, compute_advantage,
+from verl.trainer.ppo.ray_trainer import (RayPPOTrainer, ResourcePoolManager, Role, apply_kl_penalty, compute_advantage,
                                           compute_response_mask)
 from verl.trainer.ppo.reward import compute_reward, load_reward_manager
 
@@ -265,3 +265,31 @@ def test_load_reward_manager_unknown_name_is_clear():
     config = OmegaConf.create({"reward_model": {"reward_manager": "nope"}, "data": {}})
     with pytest.raises(ValueError, match="nope"):
         load_reward_manager(config, _Tok(), num_examine=0)
+
+
+@pytest.mark.parametrize(
+    "mini_batch, epochs, kl_in_reward, skip, needed",
+    [
+        (4, 1, False, True, False),  # one mini-batch, one epoch: on-policy, the pass is skipped
+        (2, 1, False, True, True),  # two optimizer steps: the second needs the old policy's log-probs
+        (4, 2, False, True, True),  # two epochs
+        (4, 1, True, True, True),  # the KL penalty in the reward reads old_log_probs
+        (4, 1, False, False, True),  # switched off
+    ])
+def test_old_log_prob_pass_runs_only_when_something_reads_it(mini_batch, epochs, kl_in_reward, skip, needed):
+    config = OmegaConf.create({
+        "actor_rollout_ref": {
+            "actor": {
+                "ppo_mini_batch_size": mini_batch,
+                "ppo_epochs": epochs,
+                "skip_on_policy_old_log_prob": skip
+            },
+            "rollout": {
+                "n": 2
+            }
+        }
+    })
+    trainer = RayPPOTrainer.__new__(RayPPOTrainer)  # only the config is read
+    trainer.config, trainer.use_kl_in_reward = config, kl_in_reward
+    batch = DataProto.from_dict(tensors={"responses": torch.ones(8, 3, dtype=torch.long)})  # 4 prompts x n=2
+    assert trainer._old_log_prob_needed(batch) is needed

@@ -12,8 +12,9 @@ import pytest
 
 from verl.utils.dataset.schema import (RL_COLUMNS, DataFormatError, make_rl_row, make_sft_row, read_records,
                                        write_splits)
-from verl.utils.dataset.tasks import (arithmetic_rows, countdown_problem, countdown_rows, find_split_files,
-                                      gsm8k_final_answer, last_boxed, split_records, write_arithmetic_task)
+from verl.utils.dataset.tasks import (arithmetic_rows, write_arithmetic_warmup, countdown_problem, countdown_rows,
+                                      find_split_files, gsm8k_final_answer, last_boxed, split_records,
+                                      write_arithmetic_task)
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
@@ -171,3 +172,32 @@ def test_worked_solutions_are_correct_column_by_column():
                         digits.append(int(rhs))
                         carry = int(lhs.endswith("+ 10"))
                 assert int("".join(map(str, reversed(digits)))) == value
+
+
+def _problem_keys(path) -> set:
+    return {(info["a"], info["op"], info["b"]) for info in pq.read_table(path).column("extra_info").to_pylist()}
+
+
+def test_warmup_problems_are_disjoint_from_the_rl_task_and_half_end_with_the_answer_line(tmp_path):
+    task = write_arithmetic_task(str(tmp_path / "task"), train_size=512, test_size=64)
+    warm = write_arithmetic_warmup(str(tmp_path / "warm"),
+                                   train_size=400,
+                                   val_size=20,
+                                   task_train_size=512,
+                                   task_test_size=64,
+                                   answer_line_ratio=0.5)
+    task_keys = _problem_keys(task["train"]) | _problem_keys(task["test"])
+    warm_train, warm_val = _problem_keys(warm["train"]), _problem_keys(warm["test"])
+    assert len(warm_train) == 400 and len(warm_val) == 20
+    assert not (warm_train | warm_val) & task_keys and not warm_train & warm_val
+
+    replies = [m[-1]["content"] for m in pq.read_table(warm["train"]).column("messages").to_pylist()]
+    with_line = [r for r in replies if "\n#### " in r]
+    assert 0.4 < len(with_line) / len(replies) < 0.6
+    without = [r for r in replies if "####" not in r]
+    assert len(with_line) + len(without) == len(replies)
+    assert all(re.fullmatch(r"(.+ = \d+\n?)+", r) for r in without)  # only the column lines are left
+    val_replies = [m[-1]["content"] for m in pq.read_table(warm["test"]).column("messages").to_pylist()]
+    assert all("\n#### " in r for r in val_replies)  # validation solutions stay complete
+    with pytest.raises(ValueError, match="answer_line_ratio"):
+        write_arithmetic_warmup(str(tmp_path / "bad"), 4, 1, answer_line_ratio=1.5)

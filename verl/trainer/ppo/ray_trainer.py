@@ -719,7 +719,20 @@ class RayPPOTrainer:
                         default_backend=cfg_select(self.config, "trainer.logger", ["console"]),
                         config=OmegaConf.to_container(self.config, resolve=True))
 
+    def _old_log_prob_needed(self, batch: DataProto) -> bool:
+        """False when the actor update is on-policy (one epoch over one mini-batch) and nothing else reads
+        ``old_log_probs``: the policy ratio is then exactly 1 and the actor uses its own detached log-probs, so the
+        pass would cost a full forward over the batch for nothing (``actor.skip_on_policy_old_log_prob``)."""
+        actor = self.config.actor_rollout_ref.actor
+        if not bool(cfg_select(actor, "skip_on_policy_old_log_prob", True)) or self.use_kl_in_reward:
+            return True
+        rows_per_mini_batch = int(cfg_select(actor, "ppo_mini_batch_size", 0)) * int(
+            cfg_select(self.config, "actor_rollout_ref.rollout.n", 1))
+        return int(cfg_select(actor, "ppo_epochs", 1)) != 1 or len(batch) > rows_per_mini_batch
+
     def _compute_old_log_prob(self, batch: DataProto, metrics: dict[str, Any]) -> None:
+        if not self._old_log_prob_needed(batch):
+            return
         old_log_prob = self.actor_rollout_wg.compute_log_prob(batch)
         self._take_reports(old_log_prob, metrics)
         if "entropys" in old_log_prob.batch.keys():

@@ -25,6 +25,9 @@ ARITHMETIC_DATA_SOURCE = "arithmetic"
 COUNTDOWN_DATA_SOURCE = "countdown"
 GSM8K_DATA_SOURCE = "openai/gsm8k"
 MATH_DATA_SOURCE = "DigitalLearningGmbH/MATH-lighteval"
+#: split sizes of the arithmetic task as the embedded default writes it (``write_arithmetic_task``'s defaults)
+ARITHMETIC_TRAIN_SIZE = 4096
+ARITHMETIC_TEST_SIZE = 256
 
 GSM8K_INSTRUCTION = 'Solve it step by step, and write the final answer as a number after "####".'
 MATH_INSTRUCTION = "Solve it step by step, and put the final answer in \\boxed{}."
@@ -73,7 +76,7 @@ def worked_solution(a: int, op: str, b: int) -> str:
         else:
             top = dx - carry
             borrow = int(top < dy)
-            lines.append((f"{dx} - {carry}" if carry else f"{dx}") + f" - {dy}" + (f" + 10" if borrow else "") +
+            lines.append((f"{dx} - {carry}" if carry else f"{dx}") + f" - {dy}" + (" + 10" if borrow else "") +
                          f" = {top + 10 * borrow - dy}")
             digits.append(top + 10 * borrow - dy)
             carry = borrow
@@ -296,8 +299,8 @@ def split_records(records: Sequence[Any], test_ratio: float, seed: int) -> tuple
 
 
 def write_arithmetic_task(local_dir: str,
-                          train_size: int = 4096,
-                          test_size: int = 256,
+                          train_size: int = ARITHMETIC_TRAIN_SIZE,
+                          test_size: int = ARITHMETIC_TEST_SIZE,
                           seed: int = 0,
                           max_digits: int = 2,
                           ops: str = "+-",
@@ -310,6 +313,44 @@ def write_arithmetic_task(local_dir: str,
     train = arithmetic_rows(train_size, "train", seed, max_digits, ops, sft=sft, exclude=used)
     test = arithmetic_rows(test_size, "test", seed, max_digits, ops, sft=sft, exclude=used)
     return write_splits({"train": train, "test": test}, local_dir)
+
+
+def write_arithmetic_warmup(local_dir: str,
+                            train_size: int,
+                            val_size: int,
+                            seed: int = 0,
+                            max_digits: int = 2,
+                            ops: str = "+-",
+                            task_train_size: int = ARITHMETIC_TRAIN_SIZE,
+                            task_test_size: int = ARITHMETIC_TEST_SIZE,
+                            answer_line_ratio: float = 1.0) -> dict[str, str]:
+    """Write SFT rows (worked solutions) of arithmetic problems that are in neither split of the RL task that
+    :func:`write_arithmetic_task` writes with the same seed and sizes; return ``{split: path}``.
+
+    Why disjoint: after a warm-up of several epochs on the RL prompts themselves, the RL train reward would measure
+    recall of memorised answers; with disjoint problems, RL prompts are as new to the model as test problems.
+
+    ``answer_line_ratio`` is the fraction of training solutions that end with the ``#### N`` line; the others stop
+    after the last column. The embedded default uses 0.5: the warmed model then writes the answer line about half
+    the time, and writing it more often (the line the reward reads) is what GRPO learns within minutes on a
+    1M-parameter model, whose digit arithmetic itself does not improve under RL (see docs/quickstart.md).
+    """
+    if not 0.0 <= answer_line_ratio <= 1.0:
+        raise ValueError(f"answer_line_ratio must be in [0, 1], got {answer_line_ratio}")
+    used: set = set()
+    arithmetic_rows(task_train_size, "train", seed, max_digits, ops, exclude=used)
+    arithmetic_rows(task_test_size, "test", seed, max_digits, ops, exclude=used)
+    rows = arithmetic_rows(train_size + val_size, "warmup", seed, max_digits, ops, sft=True, exclude=used)
+    train = rows[:train_size]
+    if answer_line_ratio < 1.0:
+        rng = random.Random(f"arithmetic-{seed}-warmup-answer-line")
+        for row in train:
+            keep = rng.random() < answer_line_ratio
+            if not keep:
+                reply = row["messages"][-1]
+                reply["content"] = reply["content"].rsplit("\n####", 1)[0]
+            row["extra_info"]["answer_line"] = keep
+    return write_splits({"train": train, "test": rows[train_size:]}, local_dir)
 
 
 def write_countdown_task(local_dir: str,

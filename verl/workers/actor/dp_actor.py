@@ -24,18 +24,16 @@ import torch
 
 from verl.protocol import DataProto
 from verl.utils import torch_functional as verl_F
-from verl.utils.dp_update import (append_to_dict, cfg_get, device_of, get_dp_info, guarded_optimizer_step,
-                                  loss_weight_context, micro_batch_weight, split_micro_batches, to_float)
+from verl.utils.dp_update import (FORWARD_KEYS, PPOSchedule, require_batch_keys, cfg_get, device_of, get_dp_info,
+                                  guarded_optimizer_step, micro_batch_weight, run_ppo_epochs)
 from verl.utils.remove_padding import forward_response_positions, scatter_to_response
 from verl.utils.seqlen_balancing import prepare_dynamic_batch, restore_dynamic_batch
 from verl.utils.ulysses import check_ulysses_config, check_ulysses_group, ulysses_forward_response_positions
-from verl.workers.actor.base import BasePPOActor
+from verl.workers.actor.base import BasePPOActor, PPOPolicyLoss
 
 __all__ = ["DataParallelPPOActor", "logprobs_and_entropy_from_logits"]
 
 logger = logging.getLogger(__name__)
-
-_FORWARD_KEYS = ("responses", "input_ids", "attention_mask", "position_ids")
 
 
 def logprobs_and_entropy_from_logits(logits: torch.Tensor,
@@ -149,13 +147,6 @@ class DataParallelPPOActor(BasePPOActor):
         entropy = scatter_to_response(results[:, 1], selected) if calculate_entropy else None
         return entropy, log_probs
 
-    @staticmethod
-    def _require_keys(data: DataProto, keys: list[str], where: str) -> None:
-        missing = [k for k in keys if data.batch is None or k not in data.batch.keys()]
-        if missing:
-            raise KeyError(f"{where} needs batch columns {missing}; the batch has "
-                           f"{[] if data.batch is None else sorted(data.batch.keys())}")
-
     def compute_log_prob(self,
                          data: DataProto,
                          calculate_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -164,10 +155,10 @@ class DataParallelPPOActor(BasePPOActor):
         ``meta_info``: ``micro_batch_size`` (rows per forward), or ``use_dynamic_bsz`` with ``max_token_len``
         (tokens per forward); ``temperature`` (default 1.0; must be the rollout's sampling temperature).
         """
-        self._require_keys(data, list(_FORWARD_KEYS), "compute_log_prob")
+        require_batch_keys(data, list(FORWARD_KEYS), "compute_log_prob")
         temperature = float(data.meta_info.get("temperature", 1.0))
         use_dynamic_bsz = bool(data.meta_info.get("use_dynamic_bsz", False))
-        selected = data.select(batch_keys=list(_FORWARD_KEYS), non_tensor_batch_keys=[])
+        selected = data.select(batch_keys=list(FORWARD_KEYS), non_tensor_batch_keys=[])
         batch_idx = None
         if use_dynamic_bsz:
             max_token_len = data.meta_info.get("max_token_len")
@@ -209,121 +200,46 @@ class DataParallelPPOActor(BasePPOActor):
         return log_probs, entropys
 
     # ------------------------------------------------------------------------------------------------ update ----
-    def _loss_settings(self) -> dict[str, Any]:
-        c = self.config
-        return {
-            "mini_batch_size": cfg_get(c, "ppo_mini_batch_size"),
-            "micro_batch_size": cfg_get(c, "ppo_micro_batch_size_per_gpu"),
-            "use_dynamic_bsz": bool(cfg_get(c, "use_dynamic_bsz", False)),
-            "max_token_len": cfg_get(c, "ppo_max_token_len_per_gpu"),
-            "epochs": int(cfg_get(c, "ppo_epochs", 1)),
-            "shuffle": bool(cfg_get(c, "shuffle", False)),
-            "entropy_coeff": float(cfg_get(c, "entropy_coeff", 0.0)),
-            "use_kl_loss": bool(cfg_get(c, "use_kl_loss", False)),
-            "kl_loss_coef": float(cfg_get(c, "kl_loss_coef", 0.001)),
-            "kl_loss_type": str(cfg_get(c, "kl_loss_type", "low_var_kl")),
-            "loss_agg_mode": str(cfg_get(c, "loss_agg_mode", "token-mean")),
-            "loss_mode": str(cfg_get(c, "policy_loss.loss_mode", "vanilla")),
-            "grad_clip": cfg_get(c, "grad_clip", 1.0),
-        }
-
     def update_policy(self, data: DataProto) -> dict[str, list[float]]:
         """PPO update on ``data`` (this rank's rows). Returns metrics as lists (one entry per micro-batch, or per
         mini-batch for ``actor/grad_norm``); ``actor/skipped_steps`` counts optimizer steps skipped because the
         gradient norm was not finite."""
-        from verl.trainer.ppo import core_algos
-
         if self.actor_optimizer is None:
             raise ValueError("update_policy needs an optimizer: build DataParallelPPOActor(config, module, optimizer)")
-        s = self._loss_settings()
-        if s["mini_batch_size"] is None or int(s["mini_batch_size"]) <= 0:
-            raise ValueError(f"actor.ppo_mini_batch_size must be a positive int (rows per GPU after the worker's "
-                             f"normalisation), got {s['mini_batch_size']!r}")
-        if s["use_dynamic_bsz"] and not s["max_token_len"]:
-            raise ValueError("actor.use_dynamic_bsz=True needs actor.ppo_max_token_len_per_gpu")
-        mini_batch_size = int(s["mini_batch_size"])
-        max_token_len = int(s["max_token_len"]) * self.ulysses_sequence_parallel_size if s["use_dynamic_bsz"] else None
+        # with use_dynamic_bsz each sp rank holds 1/sp of a micro-batch's tokens
+        schedule = PPOSchedule.from_config(self.config, "actor", token_scale=self.ulysses_sequence_parallel_size)
+        policy_loss = PPOPolicyLoss(self.config, schedule.loss_agg_mode)
 
-        self._require_keys(data, list(_FORWARD_KEYS) + ["advantages"], "update_policy")
-        available = set(data.batch.keys())
-        num_mini_batches = -(-len(data) // mini_batch_size)
-        on_policy = num_mini_batches == 1 and s["epochs"] == 1
-        if "old_log_probs" not in available and not on_policy:
-            raise KeyError("update_policy needs 'old_log_probs' (from compute_log_prob) unless the update is one "
-                           "mini-batch for one epoch")
-        if s["use_kl_loss"] and "ref_log_prob" not in available:
-            raise KeyError("actor.use_kl_loss=True needs 'ref_log_prob' in the batch: enable the reference policy, or "
-                           "set actor_rollout_ref.actor.use_kl_loss=False")
-        optional = ["response_mask", "old_log_probs", "rollout_is_weights"
-                   ] + (["ref_log_prob"] if s["use_kl_loss"] else [])
-        keys = list(_FORWARD_KEYS) + ["advantages"] + [k for k in optional if k in available]
-        work = data.select(batch_keys=keys, non_tensor_batch_keys=[])
-        if "response_mask" not in available:  # older producers: the response part of attention_mask
-            response_length = data.batch["responses"].shape[-1]
-            work.batch["response_mask"] = data.batch["attention_mask"][:, -response_length:]
-        has_is_weights = "rollout_is_weights" in available
-
+        work, on_policy = policy_loss.select_update_inputs(data, schedule.mini_batch_size, schedule.epochs)
         temperature = float(data.meta_info.get("temperature", 1.0))
-        policy_loss_fn = core_algos.get_policy_loss_fn(s["loss_mode"])
+        grad_clip = cfg_get(self.config, "grad_clip", 1.0)
         dp = get_dp_info(self.actor_module)
-        mode = s["loss_agg_mode"]
-        metrics: dict[str, list] = {}
-        skipped = 0
+
+        def accumulate_grads(micro_batches: list, global_units: float) -> list[dict[str, Any]]:
+            self.actor_optimizer.zero_grad(set_to_none=True)
+            micro_metrics = []
+            for micro in micro_batches:
+                mb = micro.batch.to(device_of(self.actor_module))
+                entropy, log_prob = self._forward_micro_batch(mb,
+                                                              temperature,
+                                                              calculate_entropy=True,
+                                                              entropy_grad=policy_loss.entropy_coeff != 0)
+                loss, metrics = policy_loss(log_prob, entropy, mb, on_policy)
+                weight = micro_batch_weight(mb["response_mask"], schedule.loss_agg_mode, global_units, dp)
+                (loss * weight).backward()
+                micro_metrics.append(metrics)
+            return micro_metrics
+
         self.actor_module.train()
-        for _epoch in range(s["epochs"]):
-            epoch_data = work
-            if s["shuffle"] and len(work) > 1:
-                perm = torch.randperm(len(work), generator=self._shuffle_generator)
-                epoch_data = work.select_idxs(perm)
-            for mini_batch in epoch_data.split(mini_batch_size):
-                global_units = loss_weight_context(mini_batch.batch["response_mask"], mode, dp)
-                micro_batches = split_micro_batches(mini_batch, s["use_dynamic_bsz"], s["micro_batch_size"],
-                                                    max_token_len, dp)
-                self.actor_optimizer.zero_grad(set_to_none=True)
-                for micro in micro_batches:
-                    mb = micro.batch.to(device_of(self.actor_module))
-                    response_mask = mb["response_mask"].to(torch.float32)
-                    entropy, log_prob = self._forward_micro_batch(mb,
-                                                                  temperature,
-                                                                  calculate_entropy=True,
-                                                                  entropy_grad=s["entropy_coeff"] != 0)
-                    old_log_prob = log_prob.detach() if on_policy else mb["old_log_probs"]
-                    pg_loss, pg_metrics = policy_loss_fn(
-                        old_log_prob=old_log_prob,
-                        log_prob=log_prob,
-                        advantages=mb["advantages"],
-                        response_mask=response_mask,
-                        loss_agg_mode=mode,
-                        config=self.config,
-                        rollout_is_weights=mb["rollout_is_weights"] if has_is_weights else None,
-                    )
-                    entropy_agg = core_algos.agg_loss(loss_mat=entropy, loss_mask=response_mask, loss_agg_mode=mode)
-                    loss = pg_loss
-                    if s["entropy_coeff"] != 0:
-                        loss = loss - s["entropy_coeff"] * entropy_agg
-                    micro_metrics: dict[str, Any] = {
-                        "actor/pg_loss": to_float(pg_loss),
-                        "actor/entropy": to_float(entropy_agg)
-                    }
-                    if s["use_kl_loss"]:
-                        kld = core_algos.kl_penalty(logprob=log_prob,
-                                                    ref_logprob=mb["ref_log_prob"],
-                                                    kl_penalty=s["kl_loss_type"])
-                        kl_loss = core_algos.agg_loss(loss_mat=kld, loss_mask=response_mask, loss_agg_mode=mode)
-                        loss = loss + s["kl_loss_coef"] * kl_loss
-                        micro_metrics["actor/kl_loss"] = to_float(kl_loss)
-                        micro_metrics["actor/kl_coef"] = s["kl_loss_coef"]
-                    weight = micro_batch_weight(response_mask, mode, global_units, dp)
-                    (loss * weight).backward()
-                    for key, value in (pg_metrics or {}).items():
-                        micro_metrics[key if key.startswith("actor/") else f"actor/{key}"] = to_float(value)
-                    append_to_dict(metrics, micro_metrics)
-                grad_norm, stepped = guarded_optimizer_step(self.actor_module, self.actor_optimizer, s["grad_clip"])
-                if not stepped:
-                    skipped += 1
-                    self.num_skipped_steps += 1
-                    logger.warning("actor: gradient norm is %s, skipping this optimizer step", grad_norm)
-                append_to_dict(metrics, {"actor/grad_norm": grad_norm})
+        metrics, skipped = run_ppo_epochs(
+            work,
+            schedule,
+            accumulate_grads,
+            lambda: guarded_optimizer_step(self.actor_module, self.actor_optimizer, grad_clip),
+            role="actor",
+            dp=dp,
+            generator=self._shuffle_generator,
+            log=logger)
+        self.num_skipped_steps += skipped
         self.actor_optimizer.zero_grad(set_to_none=True)
-        metrics["actor/skipped_steps"] = [float(skipped)]
         return metrics

@@ -18,24 +18,22 @@ so both backends compute the same gradients.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from verl.protocol import DataProto
-from verl.utils.dp_update import (DPInfo, append_to_dict, cfg_get, loss_weight_context, micro_batch_weight,
-                                  split_micro_batches, to_float)
+from verl.utils.dp_update import (FORWARD_KEYS, DPInfo, PPOSchedule, cfg_get, micro_batch_weight, require_batch_keys,
+                                  run_ppo_epochs)
 from verl.utils.megatron_cpu import device_scope
 from verl.utils.megatron_utils import (broadcast_from_last_pp_stage, causal_padding_mask, get_parallel_info,
                                        grads_are_finite, run_forward_backward, unwrap_model, vocab_parallel_log_probs)
 from verl.utils.seqlen_balancing import restore_dynamic_batch
-from verl.workers.actor.base import BasePPOActor
+from verl.workers.actor.base import BasePPOActor, PPOPolicyLoss
 
 __all__ = ["MegatronPPOActor", "megatron_forward"]
 
 logger = logging.getLogger(__name__)
-
-_FORWARD_KEYS = ("responses", "input_ids", "attention_mask", "position_ids")
 
 
 def megatron_forward(model: torch.nn.Module, mb: Any) -> torch.Tensor:
@@ -122,13 +120,6 @@ class MegatronPPOActor(BasePPOActor):
                                         tp_rank=mpu.get_tensor_model_parallel_rank(),
                                         tp_size=mpu.get_tensor_model_parallel_world_size())
 
-    @staticmethod
-    def _require_keys(data: DataProto, keys: list[str], where: str) -> None:
-        missing = [k for k in keys if data.batch is None or k not in data.batch.keys()]
-        if missing:
-            raise KeyError(f"{where} needs batch columns {missing}; the batch has "
-                           f"{[] if data.batch is None else sorted(data.batch.keys())}")
-
     def _train(self, mode: bool) -> None:
         for chunk in self.actor_module:
             chunk.train(mode)
@@ -139,7 +130,7 @@ class MegatronPPOActor(BasePPOActor):
                          calculate_entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Log-probs (and entropies) of ``responses``, ``(batch, response_length)``, in the rows' order, on every
         rank. ``meta_info``: ``micro_batch_size`` or ``use_dynamic_bsz`` + ``max_token_len``; ``temperature``."""
-        self._require_keys(data, list(_FORWARD_KEYS), "compute_log_prob")
+        require_batch_keys(data, list(FORWARD_KEYS), "compute_log_prob")
         temperature = float(data.meta_info.get("temperature", 1.0))
         use_dynamic = bool(data.meta_info.get("use_dynamic_bsz", False))
         micro = data.meta_info.get("micro_batch_size")
@@ -149,7 +140,7 @@ class MegatronPPOActor(BasePPOActor):
         if not use_dynamic and (micro is None or int(micro) <= 0):
             raise KeyError("compute_log_prob needs meta_info['micro_batch_size'] (set "
                            "log_prob_micro_batch_size_per_gpu) or meta_info['use_dynamic_bsz']=True")
-        selected = data.select(batch_keys=list(_FORWARD_KEYS), non_tensor_batch_keys=[])
+        selected = data.select(batch_keys=list(FORWARD_KEYS), non_tensor_batch_keys=[])
         rows, length = len(data), data.batch["responses"].shape[-1]
         with device_scope():
             micro_batches, batch_idx = _split(selected, use_dynamic, micro, data.meta_info.get("max_token_len"),
@@ -187,122 +178,70 @@ class MegatronPPOActor(BasePPOActor):
     def update_policy(self, data: DataProto) -> dict[str, list[float]]:
         """PPO update on ``data`` (this DP rank's rows). Returns metric lists (loss metrics per micro-batch on the
         last stage, ``actor/grad_norm`` per mini-batch, ``actor/skipped_steps``)."""
-        from verl.trainer.ppo import core_algos
-
         if self.actor_optimizer is None:
             raise ValueError("update_policy needs an optimizer: build MegatronPPOActor(..., actor_optimizer=...)")
         c = self.config
-        mini = cfg_get(c, "ppo_mini_batch_size")
-        if mini is None or int(mini) <= 0:
-            raise ValueError(f"actor.ppo_mini_batch_size must be a positive int (rows per DP rank after the worker's "
-                             f"normalisation), got {mini!r}")
-        use_dynamic = bool(cfg_get(c, "use_dynamic_bsz", False))
-        max_token_len = cfg_get(c, "ppo_max_token_len_per_gpu")
-        if use_dynamic and not max_token_len:
-            raise ValueError("actor.use_dynamic_bsz=True needs actor.ppo_max_token_len_per_gpu")
-        micro = cfg_get(c, "ppo_micro_batch_size_per_gpu")
-        epochs = int(cfg_get(c, "ppo_epochs", 1))
-        entropy_coeff = float(cfg_get(c, "entropy_coeff", 0.0))
-        use_kl_loss = bool(cfg_get(c, "use_kl_loss", False))
-        kl_coef = float(cfg_get(c, "kl_loss_coef", 0.001))
-        kl_type = str(cfg_get(c, "kl_loss_type", "low_var_kl"))
-        mode = str(cfg_get(c, "loss_agg_mode", "token-mean"))
-        policy_loss_fn = core_algos.get_policy_loss_fn(str(cfg_get(c, "policy_loss.loss_mode", "vanilla")))
+        schedule = PPOSchedule.from_config(c, "actor", rows_per="DP rank")
+        policy_loss = PPOPolicyLoss(c, schedule.loss_agg_mode)
 
-        self._require_keys(data, list(_FORWARD_KEYS) + ["advantages"], "update_policy")
-        available = set(data.batch.keys())
-        on_policy = -(-len(data) // int(mini)) == 1 and epochs == 1
-        if "old_log_probs" not in available and not on_policy:
-            raise KeyError("update_policy needs 'old_log_probs' (from compute_log_prob) unless the update is one "
-                           "mini-batch for one epoch")
-        if use_kl_loss and "ref_log_prob" not in available:
-            raise KeyError("actor.use_kl_loss=True needs 'ref_log_prob' in the batch: enable the reference policy, or "
-                           "set actor_rollout_ref.actor.use_kl_loss=False")
-        optional = ["response_mask", "old_log_probs", "rollout_is_weights"] + (["ref_log_prob"] if use_kl_loss else [])
-        keys = list(_FORWARD_KEYS) + ["advantages"] + [k for k in optional if k in available]
-        work = data.select(batch_keys=keys, non_tensor_batch_keys=[])
-        if "response_mask" not in available:
-            work.batch["response_mask"] = data.batch["attention_mask"][:, -data.batch["responses"].shape[-1]:]
-        has_is_weights = "rollout_is_weights" in available
+        work, on_policy = policy_loss.select_update_inputs(data, schedule.mini_batch_size, schedule.epochs)
         temperature = float(data.meta_info.get("temperature", 1.0))
 
-        metrics: dict[str, list] = {}
-        skipped = 0
         with device_scope():
             dp = self._dp()
+
+            def accumulate_grads(micro_batches: list, global_units: float) -> list[dict[str, Any]]:
+                n_micro = len(micro_batches)
+
+                def loss_fn(logits: torch.Tensor, mb: Any) -> tuple:
+                    log_prob, entropy = self._log_probs(logits, mb, temperature, True)
+                    if policy_loss.entropy_coeff == 0:
+                        entropy = entropy.detach()
+                    loss, out = policy_loss(log_prob, entropy, mb, on_policy)
+                    weight = micro_batch_weight(mb["response_mask"], schedule.loss_agg_mode, global_units, dp)
+                    # megatron divides by the number of micro-batches; DDP averages over DP ranks
+                    return loss * (weight * n_micro), out
+
+                return megatron_accumulate_grads(self.actor_module, self.actor_optimizer, micro_batches, loss_fn)
+
             self._train(True)
-            for _epoch in range(epochs):
-                epoch_data = work
-                if bool(cfg_get(c, "shuffle", False)) and len(work) > 1:
-                    epoch_data = work.select_idxs(torch.randperm(len(work), generator=self._shuffle_generator))
-                for mini_batch in epoch_data.split(int(mini)):
-                    global_units = loss_weight_context(mini_batch.batch["response_mask"], mode, dp)
-                    micro_batches = [
-                        m.batch for m in split_micro_batches(mini_batch, use_dynamic, micro,
-                                                             int(max_token_len) if use_dynamic else None, dp)
-                    ]
-                    n_micro = len(micro_batches)
-
-                    def loss_fn(logits: torch.Tensor, mb: Any) -> tuple:
-                        response_mask = mb["response_mask"].to(torch.float32)
-                        log_prob, entropy = self._log_probs(logits, mb, temperature, True)
-                        if entropy_coeff == 0:
-                            entropy = entropy.detach()
-                        old = log_prob.detach() if on_policy else mb["old_log_probs"]
-                        pg_loss, pg_metrics = policy_loss_fn(
-                            old_log_prob=old,
-                            log_prob=log_prob,
-                            advantages=mb["advantages"],
-                            response_mask=response_mask,
-                            loss_agg_mode=mode,
-                            config=c,
-                            rollout_is_weights=mb["rollout_is_weights"] if has_is_weights else None)
-                        entropy_agg = core_algos.agg_loss(loss_mat=entropy, loss_mask=response_mask, loss_agg_mode=mode)
-                        loss = pg_loss - entropy_coeff * entropy_agg if entropy_coeff != 0 else pg_loss
-                        out = {"actor/pg_loss": to_float(pg_loss), "actor/entropy": to_float(entropy_agg)}
-                        if use_kl_loss:
-                            kld = core_algos.kl_penalty(logprob=log_prob,
-                                                        ref_logprob=mb["ref_log_prob"],
-                                                        kl_penalty=kl_type)
-                            kl_loss = core_algos.agg_loss(loss_mat=kld, loss_mask=response_mask, loss_agg_mode=mode)
-                            loss = loss + kl_coef * kl_loss
-                            out["actor/kl_loss"] = to_float(kl_loss)
-                            out["actor/kl_coef"] = kl_coef
-                        for key, value in (pg_metrics or {}).items():
-                            out[key if key.startswith("actor/") else f"actor/{key}"] = to_float(value)
-                        weight = micro_batch_weight(response_mask, mode, global_units, dp)
-                        # megatron divides by the number of micro-batches; DDP averages over DP ranks
-                        return loss * (weight * n_micro), out
-
-                    for chunk in self.actor_module:
-                        chunk.zero_grad_buffer()
-                    self.actor_optimizer.zero_grad()
-                    outputs = run_forward_backward(self.actor_module, micro_batches, megatron_forward, loss_fn, False)
-                    for out in outputs:
-                        append_to_dict(metrics, out)
-                    grad_norm, stepped = self._optimizer_step()
-                    if not stepped:
-                        skipped += 1
-                        self.num_skipped_steps += 1
-                        logger.warning("actor: gradient norm is %s, skipping this optimizer step", grad_norm)
-                    append_to_dict(metrics, {"actor/grad_norm": grad_norm})
-            for chunk in self.actor_module:
-                chunk.zero_grad_buffer()
-            self.actor_optimizer.zero_grad()
-        metrics["actor/skipped_steps"] = [float(skipped)]
+            metrics, skipped = run_ppo_epochs(work,
+                                              schedule,
+                                              accumulate_grads,
+                                              self._optimizer_step,
+                                              role="actor",
+                                              dp=dp,
+                                              generator=self._shuffle_generator,
+                                              log=logger)
+            self.num_skipped_steps += skipped
+            zero_megatron_grads(self.actor_module, self.actor_optimizer)
         return metrics
 
     def _optimizer_step(self) -> tuple[float, bool]:
         return megatron_optimizer_step(self.actor_module, self.actor_optimizer)
 
 
+def zero_megatron_grads(chunks: list, optimizer: Any) -> None:
+    """Zero the DDP gradient buffers of ``chunks`` and ``optimizer``'s gradients."""
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+
+
+def megatron_accumulate_grads(chunks: list, optimizer: Any, micro_batches: list,
+                              loss_fn: Callable[[torch.Tensor, Any], tuple]) -> list[dict[str, Any]]:
+    """One mini-batch's gradients for a Megatron actor or critic (the ``accumulate_grads`` of
+    :func:`verl.utils.dp_update.run_ppo_epochs`): zero them, then run megatron's schedule forward and backward over
+    the micro-batches (DataProtos) with ``loss_fn(output, micro_batch) -> (loss, metrics)``; returns the metrics."""
+    zero_megatron_grads(chunks, optimizer)
+    return run_forward_backward(chunks, [m.batch for m in micro_batches], megatron_forward, loss_fn, False)
+
+
 def megatron_optimizer_step(chunks: list, optimizer: Any) -> tuple[float, bool]:
     """Step megatron's optimizer (it clips to ``clip_grad``) unless a gradient is not finite on some rank; returns
     ``(grad_norm, stepped)``, the same on every rank."""
     if not grads_are_finite(chunks):
-        for chunk in chunks:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
+        zero_megatron_grads(chunks, optimizer)
         return float("nan"), False
     ok, grad_norm, _ = optimizer.step()
     norm = float(grad_norm) if grad_norm is not None else float("nan")

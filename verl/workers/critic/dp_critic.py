@@ -19,18 +19,16 @@ from typing import Any
 import torch
 
 from verl.protocol import DataProto
-from verl.utils.dp_update import (append_to_dict, cfg_get, device_of, get_dp_info, guarded_optimizer_step,
-                                  loss_weight_context, micro_batch_weight, split_micro_batches, to_float)
+from verl.utils.dp_update import (FORWARD_KEYS, PPOSchedule, cfg_get, device_of, get_dp_info, guarded_optimizer_step,
+                                  micro_batch_weight, run_ppo_epochs)
 from verl.utils.remove_padding import forward_response_positions, scatter_to_response
 from verl.utils.seqlen_balancing import prepare_dynamic_batch, restore_dynamic_batch
 from verl.utils.ulysses import check_ulysses_config, check_ulysses_group, ulysses_forward_response_positions
-from verl.workers.critic.base import BasePPOCritic
+from verl.workers.critic.base import BasePPOCritic, ppo_value_loss
 
 __all__ = ["DataParallelPPOCritic"]
 
 logger = logging.getLogger(__name__)
-
-_FORWARD_KEYS = ("responses", "input_ids", "attention_mask", "position_ids")
 
 
 def _response_mask(batch: Any) -> torch.Tensor:
@@ -93,10 +91,10 @@ class DataParallelPPOCritic(BasePPOCritic):
 
         ``meta_info``: ``micro_batch_size``, or ``use_dynamic_bsz`` with ``max_token_len``.
         """
-        missing = [k for k in _FORWARD_KEYS if k not in data.batch.keys()]
+        missing = [k for k in FORWARD_KEYS if k not in data.batch.keys()]
         if missing:
             raise KeyError(f"compute_values needs batch columns {missing}")
-        keys = list(_FORWARD_KEYS) + (["response_mask"] if "response_mask" in data.batch.keys() else [])
+        keys = list(FORWARD_KEYS) + (["response_mask"] if "response_mask" in data.batch.keys() else [])
         selected = data.select(batch_keys=keys, non_tensor_batch_keys=[])
         batch_idx = None
         if data.meta_info.get("use_dynamic_bsz", False):
@@ -135,29 +133,15 @@ class DataParallelPPOCritic(BasePPOCritic):
         """Value regression on ``data`` (needs ``values`` from :meth:`compute_values` and ``returns``). Returns
         metric lists: ``critic/vf_loss``, ``critic/vf_clipfrac``, ``critic/vpred_mean`` per micro-batch,
         ``critic/grad_norm`` per mini-batch, ``critic/skipped_steps``."""
-        from verl.trainer.ppo import core_algos
-
         if self.critic_optimizer is None:
             raise ValueError("update_critic needs an optimizer: build DataParallelPPOCritic(config, module, optimizer)")
         c = self.config
-        mini_batch_size = cfg_get(c, "ppo_mini_batch_size")
-        if mini_batch_size is None or int(mini_batch_size) <= 0:
-            raise ValueError(f"critic.ppo_mini_batch_size must be a positive int (rows per GPU after the worker's "
-                             f"normalisation), got {mini_batch_size!r}")
-        use_dynamic_bsz = bool(cfg_get(c, "use_dynamic_bsz", False))
-        max_token_len = cfg_get(c, "ppo_max_token_len_per_gpu")
-        if use_dynamic_bsz and not max_token_len:
-            raise ValueError("critic.use_dynamic_bsz=True needs critic.ppo_max_token_len_per_gpu")
-        if use_dynamic_bsz:  # per-rank budget; each sp rank holds 1/sp of a micro-batch's tokens
-            max_token_len = int(max_token_len) * self.ulysses_sequence_parallel_size
-        micro_batch_size = cfg_get(c, "ppo_micro_batch_size_per_gpu")
-        epochs = int(cfg_get(c, "ppo_epochs", 1))
-        shuffle = bool(cfg_get(c, "shuffle", False))
+        # with use_dynamic_bsz each sp rank holds 1/sp of a micro-batch's tokens
+        schedule = PPOSchedule.from_config(c, "critic", token_scale=self.ulysses_sequence_parallel_size)
         cliprange_value = float(cfg_get(c, "cliprange_value", 0.5))
-        mode = str(cfg_get(c, "loss_agg_mode", "token-mean"))
         grad_clip = cfg_get(c, "grad_clip", 1.0)
 
-        needed = list(_FORWARD_KEYS) + ["values", "returns"]
+        needed = list(FORWARD_KEYS) + ["values", "returns"]
         missing = [k for k in needed if k not in data.batch.keys()]
         if missing:
             raise KeyError(f"update_critic needs batch columns {missing} ('values' from compute_values, 'returns' from "
@@ -168,42 +152,29 @@ class DataParallelPPOCritic(BasePPOCritic):
             work.batch["response_mask"] = _response_mask(data.batch)
 
         dp = get_dp_info(self.critic_module)
-        metrics: dict[str, list] = {}
-        skipped = 0
+
+        def accumulate_grads(micro_batches: list, global_units: float) -> list[dict[str, Any]]:
+            self.critic_optimizer.zero_grad(set_to_none=True)
+            micro_metrics = []
+            for micro in micro_batches:
+                mb = micro.batch.to(device_of(self.critic_module))
+                vf_loss, metrics = ppo_value_loss(self._forward_micro_batch(mb), mb, cliprange_value,
+                                                  schedule.loss_agg_mode)
+                weight = micro_batch_weight(mb["response_mask"], schedule.loss_agg_mode, global_units, dp)
+                (vf_loss * weight).backward()
+                micro_metrics.append(metrics)
+            return micro_metrics
+
         self.critic_module.train()
-        for _epoch in range(epochs):
-            epoch_data = work
-            if shuffle and len(work) > 1:
-                epoch_data = work.select_idxs(torch.randperm(len(work), generator=self._shuffle_generator))
-            for mini_batch in epoch_data.split(int(mini_batch_size)):
-                global_units = loss_weight_context(mini_batch.batch["response_mask"], mode, dp)
-                micro_batches = split_micro_batches(mini_batch, use_dynamic_bsz, micro_batch_size, max_token_len, dp)
-                self.critic_optimizer.zero_grad(set_to_none=True)
-                for micro in micro_batches:
-                    mb = micro.batch.to(device_of(self.critic_module))
-                    response_mask = mb["response_mask"].to(torch.float32)
-                    vpreds = self._forward_micro_batch(mb)
-                    vf_loss, vf_clipfrac = core_algos.compute_value_loss(vpreds=vpreds,
-                                                                         returns=mb["returns"],
-                                                                         values=mb["values"],
-                                                                         response_mask=response_mask,
-                                                                         cliprange_value=cliprange_value,
-                                                                         loss_agg_mode=mode)
-                    weight = micro_batch_weight(response_mask, mode, global_units, dp)
-                    (vf_loss * weight).backward()
-                    denom = response_mask.sum().clamp(min=1.0)
-                    append_to_dict(
-                        metrics, {
-                            "critic/vf_loss": to_float(vf_loss),
-                            "critic/vf_clipfrac": to_float(vf_clipfrac),
-                            "critic/vpred_mean": to_float((vpreds.detach() * response_mask).sum() / denom),
-                        })
-                grad_norm, stepped = guarded_optimizer_step(self.critic_module, self.critic_optimizer, grad_clip)
-                if not stepped:
-                    skipped += 1
-                    self.num_skipped_steps += 1
-                    logger.warning("critic: gradient norm is %s, skipping this optimizer step", grad_norm)
-                append_to_dict(metrics, {"critic/grad_norm": grad_norm})
+        metrics, skipped = run_ppo_epochs(
+            work,
+            schedule,
+            accumulate_grads,
+            lambda: guarded_optimizer_step(self.critic_module, self.critic_optimizer, grad_clip),
+            role="critic",
+            dp=dp,
+            generator=self._shuffle_generator,
+            log=logger)
+        self.num_skipped_steps += skipped
         self.critic_optimizer.zero_grad(set_to_none=True)
-        metrics["critic/skipped_steps"] = [float(skipped)]
         return metrics
