@@ -11,6 +11,7 @@
 set -euo pipefail
 VENV=${1:?usage: setup_sglang_env.sh VENV_DIR}
 SGLANG_VERSION=${SGLANG_VERSION:-0.5.23}
+MEGATRON_CORE_VERSION=0.16.1  # the Megatron actor feeding SGLang (tests/workers/rollout/sglang/test_megatron_sglang.py)
 cd "$(dirname "$0")/../.."
 start=$(date +%s)
 
@@ -24,7 +25,7 @@ python -m pip install --quiet --upgrade pip
 # SGLang first: it brings the torch (CUDA build) and transformers versions it is built against; our install below
 # accepts them (setup.py does not pin torch).
 python -m pip install --quiet "sglang==${SGLANG_VERSION}"
-python -m pip install --quiet -e ".[test]"
+python -m pip install --quiet -e ".[test]" "megatron-core==${MEGATRON_CORE_VERSION}"
 echo "== pip done in $(( $(date +%s) - start ))s"
 
 if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1 '; then
@@ -46,6 +47,7 @@ fi
 
 python -m pip check
 python - <<'PY'
+import megatron.core  # noqa: F401
 import sgl_kernel  # noqa: F401  (loads libcuda.so.1)
 import sglang
 import torch

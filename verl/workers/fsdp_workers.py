@@ -32,14 +32,9 @@ Batch sizes follow verl: ``ppo_mini_batch_size`` counts prompts for the whole gr
 from __future__ import annotations
 
 import contextlib
-import copy
-import datetime
-import importlib
 import logging
 import os
-import resource
-import time
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 import torch.distributed as dist
@@ -48,12 +43,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from verl.protocol import DataProto
 from verl.single_controller.base import Worker
 from verl.single_controller.base.decorator import Dispatch, make_nd_compute_dataproto_dispatch_fn, register
-from verl.utils.device import (get_device, get_device_name, get_nccl_backend, get_torch_device, is_cuda_available)
+from verl.utils.device import get_device, get_torch_device, is_cuda_available
 from verl.utils.dp_update import cfg_get
 from verl.utils.ulysses import check_ulysses_config
-from verl.workers.config_helpers import (build_lr_scheduler, build_optimizer, detach_config, import_external_libs,
-                                         load_generation_config, load_tokenizer, normalize_micro_batch,
-                                         normalize_ppo_mini_batch, update_model_config)
+from verl.workers.config_helpers import (build_lr_scheduler, build_optimizer, load_tokenizer, normalize_micro_batch,
+                                         update_model_config)
+from verl.workers.role_common import (ROLES, ActorRolloutRefRole, CriticRole, RewardModelRole, init_distributed,
+                                      last_valid_token_index, rm_scores_at_last_response_token)
 
 __all__ = [
     "ActorRolloutRefWorker",
@@ -66,9 +62,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Roles of :class:`ActorRolloutRefWorker`.
-ROLES = ("actor", "rollout", "ref", "actor_rollout", "actor_rollout_ref")
-
 _FSDP_STRATEGIES = ("fsdp", "fsdp2")
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -77,10 +70,10 @@ _FSDP_STRATEGIES = ("fsdp", "fsdp2")
 
 
 @contextlib.contextmanager
-def _resident_for_checkpoint_io(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, offload_param: bool,
-                                offload_optimizer: bool):
-    """Bring offloaded parameters (and optimizer state, when given) onto the device for checkpoint I/O and offload
-    them again afterwards, even when the I/O fails, so actor and critic share one offload discipline."""
+def _resident_on_device(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, offload_param: bool,
+                        offload_optimizer: bool):
+    """Bring offloaded parameters (and optimizer state, when given) onto the device for one phase (forward, update,
+    checkpoint I/O) and offload them again afterwards, even when the phase fails."""
     from verl.utils.fsdp_utils import (load_fsdp_model_to_gpu, load_fsdp_optimizer, offload_fsdp_model_to_cpu,
                                        offload_fsdp_optimizer)
 
@@ -96,36 +89,6 @@ def _resident_for_checkpoint_io(module: torch.nn.Module, optimizer: torch.optim.
             offload_fsdp_model_to_cpu(module)
         if reload_optimizer:
             offload_fsdp_optimizer(optimizer)
-
-
-def init_distributed(timeout_s: float = 600) -> None:
-    """Join the worker group's ``torch.distributed`` world (``env://``: RANK, WORLD_SIZE, MASTER_ADDR/PORT set by
-    the worker group), unless this process already has one. NCCL for accelerator tensors plus gloo for CPU ones on
-    CUDA; gloo alone on CPU."""
-    if dist.is_initialized():
-        return
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-        if world_size != 1:
-            raise RuntimeError("MASTER_ADDR / MASTER_PORT are not set; start the workers through a worker group "
-                               "(RayWorkerGroup), which sets them for every rank")
-        from verl.single_controller.base.worker import find_free_port
-
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(find_free_port("127.0.0.1")))
-    if is_cuda_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        device_count = get_torch_device().device_count()
-        # Ray usually shows each actor only its own GPU (index 0); without that, LOCAL_RANK picks it
-        get_torch_device().set_device(local_rank if local_rank < device_count else 0)
-        backend = f"cpu:gloo,{get_device_name()}:{get_nccl_backend()}"
-    else:
-        backend = get_nccl_backend()
-    dist.init_process_group(backend=backend,
-                            rank=rank,
-                            world_size=world_size,
-                            timeout=datetime.timedelta(seconds=float(timeout_s)))
 
 
 def _check_strategy(strategy: Any, key: str) -> None:
@@ -151,6 +114,19 @@ def _ulysses_layout(worker: Worker, sp_size: int, mesh_name: str) -> None:
     worker.ulysses_sharding_manager = FSDPUlyssesShardingManager(worker.ulysses_device_mesh)
     worker.dp_size = world_size // sp_size
     worker._register_dispatch_collect_info(mesh_name, dp_rank=rank // sp_size, is_collect=rank % sp_size == 0)
+
+
+class _FSDPBackend:
+    """What the FSDP actor and critic give their roles alike (:mod:`verl.workers.role_common`): the strategy check,
+    Ulysses sequence parallelism around model calls, and a barrier after a checkpoint is written."""
+
+    _check_strategy = staticmethod(_check_strategy)
+
+    def _sp_context(self) -> ContextManager:
+        return self.ulysses_sharding_manager
+
+    def _checkpoint_saved(self) -> None:
+        dist.barrier()
 
 
 def _mixed_precision_policy(fsdp_config: Any) -> Any:
@@ -239,55 +215,6 @@ def build_fsdp_model(model_path: str,
     return module, hf_config
 
 
-def _peak_memory_metrics() -> dict[str, float]:
-    """Peak accelerator memory of this process; on CPU the peak resident set size stands for 'allocated'."""
-    import psutil
-
-    gib = 1024.0**3
-    metrics = {"perf/cpu_memory_used_gb": psutil.virtual_memory().used / gib}
-    if is_cuda_available():
-        metrics["perf/max_memory_allocated_gb"] = get_torch_device().max_memory_allocated() / gib
-        metrics["perf/max_memory_reserved_gb"] = get_torch_device().max_memory_reserved() / gib
-    else:
-        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0 / gib  # ru_maxrss is KiB on Linux
-        metrics["perf/max_memory_allocated_gb"] = peak_rss
-        metrics["perf/max_memory_reserved_gb"] = peak_rss
-    return metrics
-
-
-def _mfu(flops_counter: Any, data: DataProto, delta_time: float, epochs: int, world_size: int) -> float:
-    """Model FLOPs utilisation of an update: ``global_token_num`` (set by the trainer for the whole batch) or this
-    rank's token counts."""
-    if flops_counter is None or delta_time <= 0:
-        return 0.0
-    seqlens = data.meta_info.get("global_token_num")
-    share = world_size
-    if seqlens is None:
-        seqlens = data.batch["attention_mask"].sum(dim=-1).tolist()
-        share = 1
-    achieved, promised = flops_counter.estimate_flops(seqlens, delta_time)
-    if not promised or promised == float("inf"):
-        return 0.0
-    return float(achieved * epochs / promised / share)
-
-
-def _current_lr(scheduler: Any) -> float:
-    lr = scheduler.get_last_lr()[0]
-    return float(lr.item() if torch.is_tensor(lr) else lr)
-
-
-def _reduce_timing(timing: dict[str, float]) -> dict[str, float]:
-    """Mean over ranks, so that every rank reports the same numbers (their ``meta_info`` must agree to concat)."""
-    if not timing or not dist.is_initialized() or dist.get_world_size() == 1:
-        return dict(timing)
-    keys = sorted(timing)
-    device = get_device() if dist.get_backend() == "nccl" else torch.device("cpu")
-    values = torch.tensor([float(timing[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    values = (values / dist.get_world_size()).cpu().tolist()
-    return dict(zip(keys, values))
-
-
 def _with_key(node: DictConfig, key: str, value: Any) -> DictConfig:
     with open_dict(node):
         node[key] = value
@@ -299,8 +226,9 @@ def _with_key(node: DictConfig, key: str, value: Any) -> DictConfig:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class ActorRolloutRefWorker(Worker):
-    """One process of the hybrid engine: the FSDP2 actor, the rollout engine and/or the reference policy.
+class ActorRolloutRefWorker(_FSDPBackend, ActorRolloutRefRole):
+    """One process of the hybrid engine: the FSDP2 actor, the rollout engine and/or the reference policy. The
+    registered methods other than ``init_model`` are :class:`~verl.workers.role_common.ActorRolloutRefRole`'s.
 
     Args:
         config: the ``actor_rollout_ref`` config node (``model``, ``actor``, ``rollout``, ``ref``).
@@ -309,14 +237,9 @@ class ActorRolloutRefWorker(Worker):
 
     def __init__(self, config: Any, role: str, **kwargs: Any) -> None:
         super().__init__()
-        if role not in ROLES:
-            raise ValueError(f"ActorRolloutRefWorker: unknown role {role!r}; use one of {list(ROLES)}")
-        self.config = detach_config(config)
-        self.role = role
-        self._is_actor = role in ("actor", "actor_rollout", "actor_rollout_ref")
-        self._is_rollout = role in ("rollout", "actor_rollout", "actor_rollout_ref")
-        self._is_ref = role in ("ref", "actor_rollout_ref")
-        _check_strategy(cfg_get(self.config, "actor.strategy"), "actor_rollout_ref.actor.strategy")
+        self._init_role(config, role)
+        self.actor_module_fsdp = None
+        self.ref_module_fsdp = None
         _check_unsupported(self.config.get("model"), "actor_rollout_ref")
         sp_size = self._ulysses_size()
 
@@ -337,28 +260,7 @@ class ActorRolloutRefWorker(Worker):
                                                                      False)) and not uses_offload_policy
         self._is_offload_ref_param = self._is_ref and bool(cfg_get(self.config, "ref.fsdp_config.param_offload", False))
 
-        rollout_n = int(cfg_get(self.config, "rollout.n", 1))
-        if self._is_actor:
-            normalize_ppo_mini_batch(self.config.actor, rollout_n, self.dp_size, "actor_rollout_ref.actor")
-        if self._is_rollout and "rollout" in self.config:
-            normalize_micro_batch(self.config.rollout, "log_prob_micro_batch_size", "log_prob_micro_batch_size_per_gpu",
-                                  self.dp_size, "actor_rollout_ref.rollout")
-        if self._is_ref and "ref" in self.config:
-            normalize_micro_batch(self.config.ref, "log_prob_micro_batch_size", "log_prob_micro_batch_size_per_gpu",
-                                  self.dp_size, "actor_rollout_ref.ref")
-
-        self.actor = None
-        self.actor_module_fsdp = None
-        self.actor_optimizer = None
-        self.actor_lr_scheduler = None
-        self.rollout = None
-        self.rollout_sharding_manager = None
-        self.ref_policy = None
-        self.ref_module_fsdp = None
-        self.checkpoint_manager = None
-        self.flops_counter = None
-        self.tokenizer = None
-        self.generation_config = None
+        self._normalize_batch_sizes()
 
     def _ulysses_size(self) -> int:
         """The sp size of the actor (or of the reference policy on a ``ref`` worker); both share the ``"actor"``
@@ -394,14 +296,7 @@ class ActorRolloutRefWorker(Worker):
         from verl.utils.fsdp_utils import offload_fsdp_model_to_cpu, offload_fsdp_optimizer
         from verl.workers.actor import DataParallelPPOActor
 
-        model_cfg = self.config.model
-        import_external_libs(model_cfg.get("external_lib"))
-        path = model_cfg.get("path")
-        if not path:
-            raise ValueError("actor_rollout_ref.model.path is not set; set it to a Hugging Face model directory")
-        trust = bool(model_cfg.get("trust_remote_code", False))
-        self.tokenizer = load_tokenizer(model_cfg.get("tokenizer_path") or path, trust)
-        self.generation_config = load_generation_config(path, trust)
+        model_cfg, path, _ = self._load_model_files()
         use_remove_padding = bool(model_cfg.get("use_remove_padding", False))
 
         if self._is_actor or self._is_rollout:
@@ -464,205 +359,29 @@ class ActorRolloutRefWorker(Worker):
             offload_fsdp_optimizer(self.actor_optimizer)
         get_torch_device().empty_cache()
 
-    def _build_rollout(self) -> tuple[Any, Any]:
-        """The rollout engine (``rollout.name``) with its own unsharded copy of the model, and the sharding manager
-        that loads the actor's current weights into it before every generation."""
-        from transformers import AutoModelForCausalLM
+    # --------------------------------------------------------------------------------------------------- hooks ---
+    _hybrid_engine_prefix = "fsdp"  # rollout engines come from verl.workers.sharding_manager.fsdp_<name>
 
-        from verl.utils.fsdp_utils import to_torch_dtype
-        from verl.workers.rollout import get_rollout_class
+    def _hf_sharding_manager(self, module: torch.nn.Module, bucket_bytes: int, rollout_cfg: Any) -> Any:
         from verl.workers.sharding_manager import FSDPHFShardingManager
 
-        rollout_cfg = self.config.rollout
-        name, mode = str(rollout_cfg.get("name", "hf")), str(rollout_cfg.get("mode", "sync") or "sync")
-        rollout_cls = get_rollout_class(name, mode)  # reports unknown names and missing engine packages
-        if name != "hf":
-            # engine backends own their hybrid-engine wiring: ``verl.workers.sharding_manager.fsdp_<name>`` exposes
-            # ``build_hybrid_engine(worker, rollout_cls) -> (rollout, sharding_manager)``
-            try:
-                backend = importlib.import_module(f"verl.workers.sharding_manager.fsdp_{name}")
-            except ModuleNotFoundError as err:
-                if err.name != f"verl.workers.sharding_manager.fsdp_{name}":
-                    raise
-                raise NotImplementedError(f"actor_rollout_ref.rollout.name={name!r}: the FSDP worker has no hybrid "
-                                          "engine for this backend; set actor_rollout_ref.rollout.name=hf") from None
-            return backend.build_hybrid_engine(worker=self, rollout_cls=rollout_cls)
-        # rollout.dtype (bf16) on accelerators; on CPU fp32, like the actor's compute dtype there. The weights are
-        # random until the sharding manager copies the actor's in, before every generation, so none are read here.
-        dtype = to_torch_dtype(rollout_cfg.get("dtype"), torch.bfloat16) if is_cuda_available() else torch.float32
-        hf_config = copy.deepcopy(self.hf_config)
-        hf_config.use_cache = True
-        with torch.device(get_device()):
-            module = AutoModelForCausalLM.from_config(hf_config,
-                                                      dtype=dtype,
-                                                      trust_remote_code=bool(
-                                                          self.config.model.get("trust_remote_code", False)),
-                                                      attn_implementation="sdpa")
-        module.eval()
-        rollout = rollout_cls(module=module, config=rollout_cfg, tokenizer=self.tokenizer)
-        bucket_mb = float(rollout_cfg.get("update_weights_bucket_megabytes", 512) or 512)
-        sharding_manager = FSDPHFShardingManager(module=self.actor_module_fsdp,
-                                                 inference_module=module,
-                                                 bucket_bytes=int(bucket_mb * (1 << 20)),
-                                                 offload_param=self._is_offload_param,
-                                                 offload_rollout=bool(rollout_cfg.get("free_cache_engine", True)),
-                                                 device_mesh=self.device_mesh)
-        return rollout, sharding_manager
+        return FSDPHFShardingManager(module=self.actor_module_fsdp,
+                                     inference_module=module,
+                                     bucket_bytes=bucket_bytes,
+                                     offload_param=self._is_offload_param,
+                                     offload_rollout=bool(rollout_cfg.get("free_cache_engine", True)),
+                                     device_mesh=self.device_mesh)
 
-    def _require(self, flag: bool, what: str) -> None:
-        if not flag:
-            raise RuntimeError(f"{what} is not available on a worker with role={self.role!r}")
-        if (self.actor_module_fsdp is None and self.ref_module_fsdp is None):
-            raise RuntimeError("the worker has no models yet; call init_model() on the worker group first")
+    def _models_built(self) -> bool:
+        return self.actor_module_fsdp is not None or self.ref_module_fsdp is not None
 
-    # --------------------------------------------------------------------------------------------------- rollout ---
-    @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="rollout"))
-    def generate_sequences(self, prompts: DataProto) -> DataProto:
-        """Generate responses with the actor's current weights (synced into the rollout engine first)."""
-        from verl.utils.timer import simple_timer
-
-        self._require(self._is_rollout, "generate_sequences")
-        gen = self.generation_config
-        prompts.meta_info.setdefault(
-            "eos_token_id",
-            gen.eos_token_id if gen is not None and gen.eos_token_id is not None else self.tokenizer.eos_token_id)
-        prompts.meta_info.setdefault(
-            "pad_token_id",
-            gen.pad_token_id if gen is not None and gen.pad_token_id is not None else self.tokenizer.pad_token_id)
-        timing: dict[str, float] = {}
-        with simple_timer("generate_sequences", timing):
-            with self.rollout_sharding_manager:
-                data = self.rollout_sharding_manager.preprocess_data(prompts)
-                output = self.rollout.generate_sequences(prompts=data)
-                output = self.rollout_sharding_manager.postprocess_data(output)
-        sync_metrics = dict(getattr(self.rollout_sharding_manager, "metrics", None) or {})
-        sync_timing = dict(getattr(self.rollout_sharding_manager, "timing", None) or {})
-        timing.update(sync_timing)
-        timing = _reduce_timing(timing)
-        output = output.to("cpu")
-        output.meta_info["timing"] = timing
-        metrics = {f"timing_s/{k}": v for k, v in timing.items()}
-        metrics.update(sync_metrics)
-        output.meta_info["metrics"] = metrics
-        get_torch_device().empty_cache()
-        return output
-
-    # ------------------------------------------------------------------------------------------------ log-probs ---
-    @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
-    def compute_log_prob(self, data: DataProto) -> DataProto:
-        """Log-probs of ``responses`` under the current actor (``old_log_probs``) and the policy's entropy
-        (``entropys``), at the rollout's sampling temperature."""
-        from verl.utils.fsdp_utils import load_fsdp_model_to_gpu, offload_fsdp_model_to_cpu
-
-        self._require(self._is_actor, "compute_log_prob")
-        rollout_cfg = self.config.get("rollout") or {}
-        self._log_prob_meta(data, rollout_cfg, "actor_rollout_ref.rollout")
-        if self._is_offload_param:
-            load_fsdp_model_to_gpu(self.actor_module_fsdp)
-        try:
-            with self.ulysses_sharding_manager:
-                log_probs, entropys = self.actor.compute_log_prob(data=data, calculate_entropy=True)
-        finally:
-            if self._is_offload_param:
-                offload_fsdp_model_to_cpu(self.actor_module_fsdp)
-        output = DataProto.from_dict(tensors={
-            "old_log_probs": log_probs,
-            "entropys": entropys
-        },
-                                     meta_info={"temperature": data.meta_info["temperature"]})
-        get_torch_device().empty_cache()
-        return output.to("cpu")
-
-    @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
-    def compute_ref_log_prob(self, data: DataProto) -> DataProto:
-        """Log-probs of ``responses`` under the frozen reference policy (``ref_log_prob``)."""
-        from verl.utils.fsdp_utils import load_fsdp_model_to_gpu, offload_fsdp_model_to_cpu
-
-        self._require(self._is_ref, "compute_ref_log_prob")
-        self._log_prob_meta(data, self.config.get("ref") or {}, "actor_rollout_ref.ref")
-        if self._is_offload_ref_param:
-            load_fsdp_model_to_gpu(self.ref_module_fsdp)
-        try:
-            with self.ulysses_sharding_manager:
-                log_probs, _ = self.ref_policy.compute_log_prob(data=data, calculate_entropy=False)
-        finally:
-            if self._is_offload_ref_param:
-                offload_fsdp_model_to_cpu(self.ref_module_fsdp)
-        get_torch_device().empty_cache()
-        return DataProto.from_dict(tensors={"ref_log_prob": log_probs}).to("cpu")
-
-    def _log_prob_meta(self, data: DataProto, section: Any, label: str) -> None:
-        """Micro-batching and temperature of a forward-only pass, from ``section`` (rollout or ref config)."""
-        use_dynamic = bool(cfg_get(section, "log_prob_use_dynamic_bsz", False))
-        micro = cfg_get(section, "log_prob_micro_batch_size_per_gpu")
-        if not use_dynamic and micro is None:
-            raise ValueError(f"{label}.log_prob_micro_batch_size_per_gpu is not set; set it (rows per device per "
-                             f"forward pass) or {label}.log_prob_use_dynamic_bsz=True")
-        data.meta_info["micro_batch_size"] = micro
-        data.meta_info["max_token_len"] = cfg_get(section, "log_prob_max_token_len_per_gpu")
-        data.meta_info["use_dynamic_bsz"] = use_dynamic
-        data.meta_info["temperature"] = float(cfg_get(self.config, "rollout.temperature", 1.0))
-
-    # --------------------------------------------------------------------------------------------------- update ---
-    @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
-    def update_actor(self, data: DataProto) -> DataProto:
-        """One PPO update of the actor on the batch; returns ``meta_info["metrics"]`` (``actor/*``,
-        ``perf/mfu/actor``, ``perf/max_memory_allocated_gb``, ``actor/lr``) and steps the lr scheduler."""
-        from verl.utils.fsdp_utils import (load_fsdp_model_to_gpu, load_fsdp_optimizer, offload_fsdp_model_to_cpu,
-                                           offload_fsdp_optimizer)
-
-        self._require(self._is_actor, "update_actor")
-        if self._is_offload_param:
-            load_fsdp_model_to_gpu(self.actor_module_fsdp)
-        if self._is_offload_optimizer:
-            load_fsdp_optimizer(self.actor_optimizer)
-        data.meta_info.setdefault("temperature", float(cfg_get(self.config, "rollout.temperature", 1.0)))
-        try:
-            start = time.perf_counter()
-            with self.ulysses_sharding_manager:
-                metrics: dict[str, Any] = dict(self.actor.update_policy(data=data))
-            delta_time = time.perf_counter() - start
-            metrics["perf/mfu/actor"] = _mfu(self.flops_counter, data, delta_time,
-                                             int(cfg_get(self.config, "actor.ppo_epochs", 1)), self.world_size)
-            metrics.update(_peak_memory_metrics())
-            metrics["actor/lr"] = _current_lr(self.actor_lr_scheduler)
-            self.actor_lr_scheduler.step()
-        finally:
-            if self._is_offload_param:
-                offload_fsdp_model_to_cpu(self.actor_module_fsdp)
-            if self._is_offload_optimizer:
-                offload_fsdp_optimizer(self.actor_optimizer)
-        get_torch_device().empty_cache()
-        return DataProto(meta_info={"metrics": metrics})
-
-    # ----------------------------------------------------------------------------------------------- checkpoint ---
-    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
-    def save_checkpoint(self,
-                        local_path: str,
-                        hdfs_path: str | None = None,
-                        global_step: int = 0,
-                        max_ckpt_to_keep: int | None = None) -> None:
-        """Write the actor's sharded model, optimizer, lr scheduler and RNG state to ``local_path``."""
-        self._require(self._is_actor, "save_checkpoint")
-        with _resident_for_checkpoint_io(self.actor_module_fsdp, None, self._is_offload_param, False):
-            self.checkpoint_manager.save_checkpoint(local_path=local_path,
-                                                    hdfs_path=hdfs_path,
-                                                    global_step=global_step,
-                                                    max_ckpt_to_keep=max_ckpt_to_keep)
-            dist.barrier()
-
-    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
-    def load_checkpoint(self,
-                        local_path: str | None,
-                        hdfs_path: str | None = None,
-                        del_local_after_load: bool = False) -> None:
-        """Restore what ``actor.checkpoint.load_contents`` names from ``local_path`` (None: nothing)."""
-        self._require(self._is_actor, "load_checkpoint")
-        with _resident_for_checkpoint_io(self.actor_module_fsdp, self.actor_optimizer, self._is_offload_param,
-                                         self._is_offload_optimizer):
-            self.checkpoint_manager.load_checkpoint(local_path=local_path,
-                                                    hdfs_path=hdfs_path,
-                                                    del_local_after_load=del_local_after_load)
+    def _phase_resident(self, phase: str) -> ContextManager:
+        if phase == "ref_log_prob":
+            return _resident_on_device(self.ref_module_fsdp, None, self._is_offload_ref_param, False)
+        # updates and restores touch the optimizer state; forwards and saves (which read it where it lies) do not
+        optimizer = self.actor_optimizer if phase in ("update", "load") else None
+        return _resident_on_device(self.actor_module_fsdp, optimizer, self._is_offload_param,
+                                   self._is_offload_optimizer)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -670,8 +389,9 @@ class ActorRolloutRefWorker(Worker):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class CriticWorker(Worker):
-    """The value model: an FSDP2 token-classification model with one label, trained on returns.
+class CriticWorker(_FSDPBackend, CriticRole):
+    """The value model: an FSDP2 token-classification model with one label, trained on returns. The registered
+    methods other than ``init_model`` are :class:`~verl.workers.role_common.CriticRole`'s.
 
     Args:
         config: the ``critic`` config node.
@@ -679,8 +399,7 @@ class CriticWorker(Worker):
 
     def __init__(self, config: Any, **kwargs: Any) -> None:
         super().__init__()
-        self.config = detach_config(config)
-        _check_strategy(self.config.get("strategy"), "critic.strategy")
+        self._init_role(config)
         _check_unsupported(self.config.get("model"), "critic")
         sp_size = int(self.config.get("ulysses_sequence_parallel_size", 1) or 1)
         check_ulysses_config(sp_size, self._use_remove_padding(), "critic.ulysses_sequence_parallel_size",
@@ -697,15 +416,7 @@ class CriticWorker(Worker):
         self._is_offload_param = bool(cfg_get(fsdp, "param_offload", False)) and not uses_offload_policy
         self._is_offload_optimizer = bool(cfg_get(fsdp, "optimizer_offload", False)) and not uses_offload_policy
 
-        normalize_ppo_mini_batch(self.config, int(self.config.get("rollout_n", 1) or 1), self.dp_size, "critic")
-        normalize_micro_batch(self.config, "forward_micro_batch_size", "forward_micro_batch_size_per_gpu", self.dp_size,
-                              "critic")
-        self.critic = None
-        self.critic_module = None
-        self.critic_optimizer = None
-        self.critic_lr_scheduler = None
-        self.checkpoint_manager = None
-        self.flops_counter = None
+        self._normalize_batch_sizes()
 
     def _use_remove_padding(self) -> bool:
         return bool(
@@ -722,14 +433,7 @@ class CriticWorker(Worker):
         from verl.utils.fsdp_utils import offload_fsdp_model_to_cpu, offload_fsdp_optimizer
         from verl.workers.critic import DataParallelPPOCritic
 
-        model_cfg = self.config.get("model") or OmegaConf.create({})
-        import_external_libs(model_cfg.get("external_lib"))
-        path = model_cfg.get("path")
-        if not path:
-            raise ValueError("critic.model.path is not set; set it to a Hugging Face model directory (usually the "
-                             "actor's model)")
-        trust = bool(model_cfg.get("trust_remote_code", False))
-        self.tokenizer = load_tokenizer(model_cfg.get("tokenizer_path") or path, trust)
+        model_cfg, path, trust = self._load_model_files()
         self.critic_module, hf_config = build_fsdp_model(path,
                                                          AutoModelForTokenClassification,
                                                          self.device_mesh,
@@ -761,16 +465,8 @@ class CriticWorker(Worker):
         if self._is_offload_optimizer:
             offload_fsdp_optimizer(self.critic_optimizer)
 
-    def _require_model(self) -> None:
-        if self.critic is None:
-            raise RuntimeError("the critic has no model yet; call init_model() on the worker group first")
-
-    @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="critic"))
-    def compute_values(self, data: DataProto) -> DataProto:
-        """Values ``(batch, response_length)`` of the response positions (``values``)."""
-        from verl.utils.fsdp_utils import load_fsdp_model_to_gpu, offload_fsdp_model_to_cpu
-
-        self._require_model()
+    # --------------------------------------------------------------------------------------------------- hooks ---
+    def _set_forward_meta(self, data: DataProto) -> None:
         use_dynamic = bool(self.config.get("use_dynamic_bsz", False))
         micro = self.config.get("forward_micro_batch_size_per_gpu")
         if not use_dynamic and micro is None:
@@ -780,73 +476,11 @@ class CriticWorker(Worker):
         data.meta_info["micro_batch_size"] = micro
         data.meta_info["max_token_len"] = self.config.get("forward_max_token_len_per_gpu")
         data.meta_info["use_dynamic_bsz"] = use_dynamic
-        if self._is_offload_param:
-            load_fsdp_model_to_gpu(self.critic_module)
-        try:
-            with self.ulysses_sharding_manager:
-                values = self.critic.compute_values(data=data)
-        finally:
-            if self._is_offload_param:
-                offload_fsdp_model_to_cpu(self.critic_module)
-        get_torch_device().empty_cache()
-        return DataProto.from_dict(tensors={"values": values}).to("cpu")
 
-    @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="critic"))
-    def update_critic(self, data: DataProto) -> DataProto:
-        """One value-regression update; returns ``meta_info["metrics"]`` (``critic/*``, ``perf/mfu/critic``,
-        ``critic/lr``) and steps the lr scheduler."""
-        from verl.utils.fsdp_utils import (load_fsdp_model_to_gpu, load_fsdp_optimizer, offload_fsdp_model_to_cpu,
-                                           offload_fsdp_optimizer)
-
-        self._require_model()
-        if self._is_offload_param:
-            load_fsdp_model_to_gpu(self.critic_module)
-        if self._is_offload_optimizer:
-            load_fsdp_optimizer(self.critic_optimizer)
-        try:
-            start = time.perf_counter()
-            with self.ulysses_sharding_manager:
-                metrics: dict[str, Any] = dict(self.critic.update_critic(data=data))
-            delta_time = time.perf_counter() - start
-            metrics["perf/mfu/critic"] = _mfu(self.flops_counter, data, delta_time,
-                                              int(self.config.get("ppo_epochs", 1) or 1), self.world_size)
-            metrics["critic/lr"] = _current_lr(self.critic_lr_scheduler)
-            self.critic_lr_scheduler.step()
-        finally:
-            if self._is_offload_param:
-                offload_fsdp_model_to_cpu(self.critic_module)
-            if self._is_offload_optimizer:
-                offload_fsdp_optimizer(self.critic_optimizer)
-        get_torch_device().empty_cache()
-        return DataProto(meta_info={"metrics": metrics})
-
-    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
-    def save_checkpoint(self,
-                        local_path: str,
-                        hdfs_path: str | None = None,
-                        global_step: int = 0,
-                        max_ckpt_to_keep: int | None = None) -> None:
-        """Write the critic's sharded model, optimizer, lr scheduler and RNG state to ``local_path``."""
-        self._require_model()
-        with _resident_for_checkpoint_io(self.critic_module, None, self._is_offload_param, False):
-            self.checkpoint_manager.save_checkpoint(local_path=local_path,
-                                                    hdfs_path=hdfs_path,
-                                                    global_step=global_step,
-                                                    max_ckpt_to_keep=max_ckpt_to_keep)
-            dist.barrier()
-
-    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
-    def load_checkpoint(self,
-                        local_path: str | None,
-                        hdfs_path: str | None = None,
-                        del_local_after_load: bool = False) -> None:
-        """Restore what ``critic.checkpoint.load_contents`` names from ``local_path`` (None: nothing)."""
-        self._require_model()
-        with _resident_for_checkpoint_io(self.critic_module, self.critic_optimizer, self._is_offload_param,
-                                         self._is_offload_optimizer):
-            self.checkpoint_manager.load_checkpoint(local_path=local_path,
-                                                    hdfs_path=hdfs_path,
-                                                    del_local_after_load=del_local_after_load)
+    def _phase_resident(self, phase: str) -> ContextManager:
+        # updates and restores touch the optimizer state; forwards and saves (which read it where it lies) do not
+        optimizer = self.critic_optimizer if phase in ("update", "load") else None
+        return _resident_on_device(self.critic_module, optimizer, self._is_offload_param, self._is_offload_optimizer)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -864,13 +498,7 @@ def _classifier_head(module: torch.nn.Module) -> torch.nn.Module | None:
     return None
 
 
-def last_valid_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Column of each row's last token with ``attention_mask`` 1 (0 for an all-padding row)."""
-    cols = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
-    return (cols * attention_mask.bool().long()).argmax(dim=-1)
-
-
-class RewardModelWorker(Worker):
+class RewardModelWorker(RewardModelRole):
     """A model-based reward: an FSDP2 sequence-classification model scoring whole (prompt, response) sequences.
 
     The score of a row is the model's output at the row's last valid token, placed at the last valid response token
@@ -882,10 +510,11 @@ class RewardModelWorker(Worker):
         config: the ``reward_model`` config node.
     """
 
+    _check_strategy = staticmethod(_check_strategy)
+
     def __init__(self, config: Any, **kwargs: Any) -> None:
         super().__init__()
-        self.config = detach_config(config)
-        _check_strategy(self.config.get("strategy"), "reward_model.strategy")
+        self._init_role(config)
         _check_unsupported(self.config.get("model"), "reward_model")
         rm_sp = int(self.config.get("ulysses_sequence_parallel_size", 1) or 1)
         if rm_sp != 1:
@@ -914,13 +543,7 @@ class RewardModelWorker(Worker):
 
         from verl.utils.fsdp_utils import offload_fsdp_model_to_cpu
 
-        model_cfg = self.config.get("model") or OmegaConf.create({})
-        import_external_libs(model_cfg.get("external_lib"))
-        path = model_cfg.get("path")
-        if not path:
-            raise ValueError("reward_model.model.path is not set; set it to a Hugging Face sequence-classification "
-                             "model directory, or set reward_model.enable=False for rule-based rewards")
-        trust = bool(model_cfg.get("trust_remote_code", False))
+        model_cfg, path, trust = self._reward_model_config()
         self.tokenizer = load_tokenizer(path, trust)
         input_path = model_cfg.get("input_tokenizer")
         if input_path and os.path.abspath(str(input_path)) != os.path.abspath(str(path)):
@@ -1001,7 +624,6 @@ class RewardModelWorker(Worker):
         token, zeros elsewhere."""
         from verl.utils.fsdp_utils import load_fsdp_model_to_gpu, offload_fsdp_model_to_cpu
         from verl.utils.seqlen_balancing import prepare_dynamic_batch, restore_dynamic_batch
-        from verl.workers.reward_manager.common import response_lengths
 
         if self.reward_module is None:
             raise RuntimeError("the reward model is not loaded yet; call init_model() on the worker group first")
@@ -1031,12 +653,8 @@ class RewardModelWorker(Worker):
                 offload_fsdp_model_to_cpu(self.reward_module)
         if batch_idx is not None:
             scores = restore_dynamic_batch(scores, batch_idx)
-        _, resp_lens = response_lengths(data)
-        responses = data.batch["responses"]
-        rm_scores = torch.zeros(responses.shape, dtype=torch.float32)
-        rm_scores[torch.arange(len(data)), (resp_lens.cpu() - 1).clamp(min=0)] = scores
         get_torch_device().empty_cache()
-        return DataProto.from_dict(tensors={"rm_scores": rm_scores})
+        return rm_scores_at_last_response_token(data, scores)
 
 
 def _same_tokenizer(a: Any, b: Any) -> bool:

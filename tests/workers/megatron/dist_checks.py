@@ -1,4 +1,5 @@
-"""Checks of the Megatron actor / critic / weight generator / dist checkpoint that need several processes.
+"""Checks of the Megatron actor / critic / weight generator / engine hybrid engines / dist checkpoint that need several
+processes.
 
 Run by ``test_megatron_dist.py`` as ``torchrun --nproc_per_node=N dist_checks.py CHECK TP PP OUT_DIR`` (gloo on CPU,
 NCCL on GPUs). Each check compares against a plain Hugging Face model computed in the same process and writes
@@ -274,6 +275,125 @@ def check_checkpoint(tp: int, pp: int, out_dir: str) -> None:
         assert (lp_hf - saved_lp)[mask].abs().max() < 2e-4
 
 
+class _MockVLLMRollout:
+    """The vLLMRollout surface the vLLM hybrid engine uses (a mock of the engine boundary): records the call order
+    and every ``(name, tensor)`` that ``update_weights`` pulls, lazily, as vLLM's loaders do."""
+
+    model_dtype = torch.bfloat16
+
+    def __init__(self):
+        self.calls, self.loaded, self.is_sleeping = [], {}, False
+
+    def sleep(self, level=1):
+        self.calls.append("sleep")
+        self.is_sleeping = True
+
+    def wake_up(self, tags=None):
+        self.calls.append(f"wake_up:{','.join(tags or [])}")
+        self.is_sleeping = False
+
+    def reset_prefix_cache(self):
+        self.calls.append("reset_prefix_cache")
+
+    def update_weights(self, weights):
+        self.calls.append("update_weights")
+        count = 0
+        for name, tensor in weights:
+            self.loaded[name] = tensor.clone()
+            count += 1
+        return {"tensors": count, "bytes": 0}
+
+
+class _MockSGLangEngine:
+    """The SGLang engine-adapter surface the SGLang hybrid engine uses (a mock of the engine boundary)."""
+
+    kind = "engine"
+    tp_size = 1
+
+    def __init__(self):
+        self.calls, self.loaded, self.buckets = [], {}, []
+
+    def begin_weight_update(self):
+        self.calls.append("begin")
+
+    def update_weights_from_tensor(self, named, flush_cache=False):
+        self.buckets.append(sum(t.numel() * t.element_size() for _, t in named))
+        self.loaded.update({n: t.clone() for n, t in named})
+
+    def end_weight_update(self):
+        self.calls.append("end")
+
+    def flush_cache(self):
+        self.calls.append("flush_cache")
+
+    def release_memory_occupation(self, tags=None):
+        self.calls.append("release")
+
+    def resume_memory_occupation(self, tags=None):
+        self.calls.append("resume")
+
+
+def check_engine_mock(tp: int, pp: int) -> None:
+    """The Megatron vLLM / SGLang hybrid engines stream the HF checkpoint's tensors (cast to the engine's dtype, in
+    bounded buckets, every rank) into mock engines around the engines' own wake/sleep calls, with the actor's
+    parameters offloaded between syncs."""
+    from transformers import AutoModelForCausalLM
+
+    from verl.utils.megatron_utils import build_megatron_model, offload_megatron_model
+    from verl.workers.sharding_manager.megatron_sglang import MegatronSGLangShardingManager
+    from verl.workers.sharding_manager.megatron_vllm import MegatronVLLMShardingManager
+
+    path, hf_config, mcfg, _ = _setup(tp, pp)
+    chunks, _, converter = build_megatron_model(hf_config, mcfg, path, wrap_ddp=False)
+    reference = {
+        k: v
+        for k, v in AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict().items()
+        if not k.endswith("inv_freq")
+    }
+    bucket_bytes = 300_000
+    largest = max(t.numel() for t in reference.values()) * 2  # bf16
+
+    def check_loaded(loaded: dict, dtype: torch.dtype) -> None:
+        assert set(loaded) == set(reference), sorted(set(loaded) ^ set(reference))
+        for k, t in loaded.items():
+            assert t.dtype == dtype, (k, t.dtype)
+            assert torch.equal(t.cpu(), reference[k].to(dtype)), k
+
+    store: dict = {}
+    offload_megatron_model(chunks, store)  # param_offload: the parameters live in host memory between phases
+    rollout = _MockVLLMRollout()
+    vllm_manager = MegatronVLLMShardingManager(chunks,
+                                               converter,
+                                               rollout,
+                                               bucket_bytes=bucket_bytes,
+                                               offload_param=True,
+                                               param_store=store)
+    assert rollout.calls == ["sleep"]  # asleep until the first generation
+    with vllm_manager:
+        assert rollout.calls[1:] == ["wake_up:weights", "update_weights", "wake_up:kv_cache", "reset_prefix_cache"]
+    assert rollout.calls[-1] == "sleep" and rollout.is_sleeping
+    check_loaded(rollout.loaded, torch.bfloat16)
+    assert all(size <= max(bucket_bytes, largest) for _, size in vllm_manager.last_buckets)
+    assert len(vllm_manager.last_buckets) == vllm_manager.metrics["perf/weight_sync_buckets"] > 2
+    assert all(p.untyped_storage().size() == 0 for c in chunks for p in c.parameters()), "not offloaded again"
+
+    engine = _MockSGLangEngine() if dist.get_rank() == 0 else None  # one rank owns an engine, all take part
+    sglang_manager = MegatronSGLangShardingManager(chunks,
+                                                   converter,
+                                                   engine,
+                                                   bucket_bytes=bucket_bytes,
+                                                   offload_param=True,
+                                                   param_store=store,
+                                                   dtype=torch.float32)
+    with sglang_manager:
+        pass
+    assert sglang_manager.metrics["perf/weight_sync_buckets"] > 2
+    if engine is not None:
+        assert engine.calls == ["release", "resume", "begin", "end", "flush_cache", "release"], engine.calls
+        check_loaded(engine.loaded, torch.float32)
+        assert all(size <= max(bucket_bytes, largest * 2) for size in engine.buckets)
+
+
 def main() -> None:
     check, tp, pp, out_dir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     if check == "actor":
@@ -284,6 +404,8 @@ def main() -> None:
         check_weights(tp, pp)
     elif check == "checkpoint":
         check_checkpoint(tp, pp, out_dir)
+    elif check == "engine_mock":
+        check_engine_mock(tp, pp)
     else:
         raise SystemExit(f"unknown check {check!r}")
     dist.barrier()

@@ -1,6 +1,7 @@
-"""The Megatron actor, critic, hybrid-engine weight generator and dist checkpoint across 2 processes (torchrun; gloo on
-CPU through verl.utils.megatron_cpu, NCCL on GPUs). Each case runs one check of ``dist_checks.py`` and passes when every
-rank wrote its ``ok`` file; the checks compare against a plain Hugging Face model of the same weights."""
+"""The Megatron actor, critic, hybrid-engine weight generator (into the HF rollout, and into mock vLLM / SGLang
+engines) and dist checkpoint across 2 processes (torchrun; gloo on CPU through verl.utils.megatron_cpu, NCCL on GPUs).
+Each case runs one check of ``dist_checks.py`` and passes when every rank wrote its ``ok`` file; the checks compare
+against a plain Hugging Face model of the same weights."""
 from __future__ import annotations
 
 import importlib.util
@@ -67,6 +68,12 @@ def test_critic_learns_values_with_tp(tmp_path):
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
 def test_weight_generator_yields_hf_weights_in_buckets(tp, pp, tmp_path):
     _run("weights", tp, pp, tmp_path)
+
+
+def test_vllm_and_sglang_hybrid_engines_stream_into_mock_engines_with_pp(tmp_path):
+    """The engine boundary is a mock here (the real engines run in their own venvs: tests/workers/rollout/{vllm,
+    sglang}/test_megatron_*.py)."""
+    _run("engine_mock", 1, 2, tmp_path)
 
 
 def test_dist_checkpoint_round_trip_with_pp(tmp_path):

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from verl.protocol import DataProto
+import torch.distributed as dist
 
-__all__ = ["BaseShardingManager"]
+from verl.protocol import DataProto, all_gather_data_proto
+from verl.utils.config import ConfigError
+from verl.utils.device import get_device_name
+
+__all__ = ["BaseShardingManager", "TPGroupShardingManager", "build_infer_tp_mesh"]
 
 
 class BaseShardingManager:
@@ -44,3 +48,66 @@ class BaseShardingManager:
     def postprocess_data(self, data: DataProto) -> DataProto:
         """The engine's output back in this rank's data-parallel layout (e.g. this rank's chunk of the group's)."""
         return data
+
+
+def build_infer_tp_mesh(tp: int) -> tuple[Any, int]:
+    """The inference mesh ``("dp", "infer_tp")`` over the worker group for ``rollout.tensor_model_parallel_size=tp``
+    (consecutive ranks form a tensor-parallel group; None when ``tp`` is 1), and this process's global rank (0
+    outside torch.distributed). Every rank must call it (creating the mesh is a collective)."""
+    distributed = dist.is_available() and dist.is_initialized()
+    world_size, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+    if tp < 1 or world_size % tp:
+        raise ConfigError(f"actor_rollout_ref.rollout.tensor_model_parallel_size={tp} must divide the number of worker "
+                          f"processes ({world_size}). Fix: set it to a divisor of trainer.n_gpus_per_node * "
+                          "trainer.nnodes")
+    if tp == 1:
+        return None, rank
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(get_device_name(), (world_size // tp, tp), mesh_dim_names=("dp", "infer_tp")), rank
+
+
+class TPGroupShardingManager(BaseShardingManager):
+    """Base of the hybrid engines whose rollout runs one engine per tensor-parallel group (vLLM, SGLang): every rank
+    of the group feeds the engine the group's prompts, and takes back the output rows of the prompts it sent.
+
+    Subclasses call :meth:`_init_tp_group` with the inference mesh (:func:`build_infer_tp_mesh`, or None without
+    tensor parallelism); it sets ``tp_size``, ``tp_rank``, ``tp_group`` and ``tp_src`` (global rank of the
+    group's first rank).
+    """
+
+    def _init_tp_group(self, device_mesh: Any) -> None:
+        self.device_mesh = device_mesh
+        if device_mesh is not None and "infer_tp" in (device_mesh.mesh_dim_names or ()):
+            tp_mesh = device_mesh["infer_tp"]
+            self.tp_size = int(tp_mesh.size())
+            self.tp_rank = int(tp_mesh.get_local_rank())
+            self.tp_group = tp_mesh.get_group()
+            self.tp_src = int(tp_mesh.mesh.flatten()[0].item())
+        else:
+            self.tp_size, self.tp_rank, self.tp_group, self.tp_src = 1, 0, None, 0
+        self._group_lengths: list[int] | None = None
+
+    def preprocess_data(self, data: DataProto) -> DataProto:
+        """With tensor parallelism: every rank of the group gets the group's prompts (in rank order)."""
+        if self.tp_size == 1:
+            return data
+        lengths: list[Any] = [None] * self.tp_size
+        dist.all_gather_object(lengths, len(data), group=self.tp_group)
+        self._group_lengths = [int(n) for n in lengths]
+        all_gather_data_proto(data, process_group=self.tp_group)
+        return data
+
+    def postprocess_data(self, data: DataProto) -> DataProto:
+        """With tensor parallelism: this rank's rows of the group's output (``n`` rows per prompt it sent)."""
+        if self.tp_size == 1:
+            return data
+        lengths = self._group_lengths
+        if lengths is None:
+            raise RuntimeError("postprocess_data without preprocess_data: the group's prompt counts are unknown")
+        total = sum(lengths)
+        if total == 0 or len(data) % total:
+            raise RuntimeError(f"the engine returned {len(data)} rows for {total} gathered prompts")
+        per_prompt = len(data) // total
+        start = sum(lengths[:self.tp_rank]) * per_prompt
+        return data[start:start + lengths[self.tp_rank] * per_prompt]

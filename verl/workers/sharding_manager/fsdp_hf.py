@@ -14,7 +14,7 @@ Measurements of each sync are left in ``metrics`` (``perf/weight_sync_s``, ``per
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -184,3 +184,37 @@ class FSDPHFShardingManager(BaseShardingManager):
                 f"{mismatched[:10]}, rollout parameters the actor does not provide {missing[:10]}. The rollout model "
                 "must be built from the same config as the actor (actor_rollout_ref.model.path)")
         return stats
+
+
+class FSDPWeightSource:
+    """The actor side of an engine sharding manager fed by an FSDP actor (vLLM, SGLang): full parameters gathered
+    in buckets with clean Hugging Face names, and the FSDP parameter offload around the sync. Subclasses set
+    ``module``, ``offload_param`` and ``bucket_bytes``, and say which dtype the engine wants (``_engine_dtype``)."""
+
+    module: Any
+    offload_param: bool
+    bucket_bytes: int
+
+    def _engine_dtype(self) -> Any:
+        return None
+
+    def _weight_buckets(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        from verl.utils.fsdp_utils import iter_full_params_in_buckets
+
+        for bucket in iter_full_params_in_buckets(self.module,
+                                                  bucket_bytes=self.bucket_bytes,
+                                                  dtype=self._engine_dtype()):
+            yield [(_clean_name(name), tensor) for name, tensor in bucket]
+            del bucket
+
+    def _load_actor(self) -> None:
+        if self.offload_param:
+            from verl.utils.fsdp_utils import load_fsdp_model_to_gpu
+
+            load_fsdp_model_to_gpu(self.module)
+
+    def _offload_actor(self) -> None:
+        if self.offload_param:
+            from verl.utils.fsdp_utils import offload_fsdp_model_to_cpu
+
+            offload_fsdp_model_to_cpu(self.module, empty_cache=False)

@@ -29,7 +29,12 @@ Measurements of each sync are left in ``metrics`` under the names of the other h
 ``perf/weight_sync_peak_memory_gb``, ``perf/weight_sync_peak_memory_delta_gb``: accelerator allocations on GPU; on
 CPU the RSS of this process plus its engine processes) and ``timing["weight_sync"]``.
 
-:func:`build_hybrid_engine` is what the FSDP worker calls for ``actor_rollout_ref.rollout.name=sglang``.
+The engine side (all of the above but the actor) is :class:`SGLangShardingManager`; a subclass supplies the actor's
+weights (``_weight_buckets``) and its offload (``_load_actor`` / ``_offload_actor``): :class:`FSDPSGLangShardingManager`
+here, :class:`~verl.workers.sharding_manager.megatron_sglang.MegatronSGLangShardingManager` for the Megatron actor.
+
+:func:`build_hybrid_engine` is what the FSDP worker calls for ``actor_rollout_ref.rollout.name=sglang``; its
+``make_manager`` argument lets another backend put its own weight source behind the same engine.
 """
 from __future__ import annotations
 
@@ -39,19 +44,18 @@ import os
 import shutil
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from verl.protocol import DataProto, all_gather_data_proto
 from verl.utils.config import ConfigError, cfg_select
-from verl.utils.device import get_device_name, get_torch_device, is_cuda_available
-from verl.workers.sharding_manager.base import BaseShardingManager
-from verl.workers.sharding_manager.fsdp_hf import _clean_name
+from verl.utils.device import get_torch_device, is_cuda_available
+from verl.workers.sharding_manager.base import TPGroupShardingManager, build_infer_tp_mesh
+from verl.workers.sharding_manager.fsdp_hf import FSDPWeightSource
 
-__all__ = ["FSDPSGLangShardingManager", "build_hybrid_engine", "WEIGHT_SYNC_MODES"]
+__all__ = ["SGLangShardingManager", "FSDPSGLangShardingManager", "build_hybrid_engine", "WEIGHT_SYNC_MODES"]
 
 _GIB = float(1 << 30)
 _KEY = "actor_rollout_ref.rollout"
@@ -133,18 +137,16 @@ class _UpdateGroup:
         self.name = group_name
 
 
-class FSDPSGLangShardingManager(BaseShardingManager):
-    """Load the FSDP2 (or plain) actor's weights into an SGLang engine on entry; release its memory on exit (see
-    the module docstring).
+class SGLangShardingManager(TPGroupShardingManager):
+    """The engine side of the SGLang hybrid engine: resume the engine, send it the actor's weights, release its
+    memory on exit (see the module docstring). Subclasses supply the weights.
 
     Args:
-        module: the training model (FSDP2 ``fully_shard``-ed, or a plain ``nn.Module`` in one process).
         inference_engine: the engine adapter (:class:`~verl.workers.rollout.sglang_rollout.engine.OfflineEngine` or
             ``HttpServerEngine``) on the rank that owns it; ``None`` on the other ranks of a tensor-parallel group
             (and on ranks that only take part in the gathers, see ``sync``).
         bucket_bytes: upper bound of gathered-but-not-yet-sent weights (a larger single tensor is a bucket of its
             own); ``rollout.update_weights_bucket_megabytes``.
-        offload_param: the actor's parameters live in host memory between steps (``fsdp_config.param_offload``).
         release_memory: release the engine's memory between generations (``rollout.free_cache_engine``; GPU only).
         multi_stage_wake_up: resume the weights before the sync and the KV cache after it (lower peak memory).
         device_mesh: the inference mesh ``("dp", "infer_tp")``; None without tensor parallelism.
@@ -163,10 +165,8 @@ class FSDPSGLangShardingManager(BaseShardingManager):
     """
 
     def __init__(self,
-                 module: nn.Module,
                  inference_engine: Any,
                  bucket_bytes: int = 512 << 20,
-                 offload_param: bool = False,
                  release_memory: bool = True,
                  multi_stage_wake_up: bool = False,
                  device_mesh: Any = None,
@@ -188,10 +188,8 @@ class FSDPSGLangShardingManager(BaseShardingManager):
         if weight_sync == "disk" and not sync_dir:
             raise ConfigError(f"{_KEY}.http_server.sync_dir: needed for weight_sync=disk. Fix: set it to a directory "
                               "both the trainer and the SGLang server can read")
-        self.module = module
         self.engine = inference_engine
         self.bucket_bytes = int(bucket_bytes)
-        self.offload_param = bool(offload_param)
         self.release_memory = bool(release_memory)
         self.multi_stage_wake_up = bool(multi_stage_wake_up)
         self.weight_sync = weight_sync
@@ -202,20 +200,12 @@ class FSDPSGLangShardingManager(BaseShardingManager):
         self.master_address = master_address or _address_towards(getattr(inference_engine, "address", None))
         self.group_timeout_s = float(group_timeout_s)
         self.barrier_after_sync = bool(barrier_after_sync)
-        self.device_mesh = device_mesh
-        if device_mesh is not None and "infer_tp" in (device_mesh.mesh_dim_names or ()):
-            self.tp_size = int(device_mesh["infer_tp"].size())
-            self.tp_rank = int(device_mesh["infer_tp"].get_local_rank())
-            self.tp_group = device_mesh["infer_tp"].get_group()
-            self.tp_src = int(device_mesh["infer_tp"].mesh.flatten()[0].item())
-        else:
-            self.tp_size, self.tp_rank, self.tp_group, self.tp_src = 1, 0, None, 0
+        self._init_tp_group(device_mesh)
         if self.tp_size > 1 and weight_sync != "tensor":
             raise ConfigError(f"{_KEY}.http_server.weight_sync={weight_sync}: with tensor_model_parallel_size > 1 "
                               "the in-process hybrid engine syncs through CUDA IPC. Fix: use weight_sync=tensor")
         self.last_buckets: list[tuple[int, int]] = []
         self._group: _UpdateGroup | None = None
-        self._group_lengths: list[int] | None = None
         self._released = False
         if self.release_memory and self._owns_engine:
             self.engine.release_memory_occupation()  # no-op on CPU
@@ -225,10 +215,20 @@ class FSDPSGLangShardingManager(BaseShardingManager):
     def _owns_engine(self) -> bool:
         return self.engine is not None and self.tp_rank == 0
 
-    # ------------------------------------------------------------------------------------------ context -------
-    def __enter__(self) -> "FSDPSGLangShardingManager":
-        from verl.utils.fsdp_utils import load_fsdp_model_to_gpu, offload_fsdp_model_to_cpu
+    # ------------------------------------------------------------------------------------- weight source ------
+    def _weight_buckets(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """The actor's full weights under their Hugging Face names, in buckets of at most ``bucket_bytes`` (cast to
+        ``dtype``). A collective: every rank iterates to the end."""
+        raise NotImplementedError
 
+    def _load_actor(self) -> None:
+        """Bring offloaded actor parameters to the device for the sync."""
+
+    def _offload_actor(self) -> None:
+        """Offload them again after the sync."""
+
+    # ------------------------------------------------------------------------------------------ context -------
+    def __enter__(self) -> "SGLangShardingManager":
         device = get_torch_device()
         on_gpu = is_cuda_available()
         self.timing, self.metrics = {}, {}
@@ -240,13 +240,11 @@ class FSDPSGLangShardingManager(BaseShardingManager):
 
         if self._released and self._owns_engine:
             self.engine.resume_memory_occupation(tags=["weights"] if self.multi_stage_wake_up else None)
-        if self.offload_param:
-            load_fsdp_model_to_gpu(self.module)
+        self._load_actor()
         stats = self.sync_weights()
         if self.barrier_after_sync and dist.is_initialized():
             dist.barrier()  # nobody generates before the server has the new weights
-        if self.offload_param:
-            offload_fsdp_model_to_cpu(self.module, empty_cache=False)
+        self._offload_actor()
         device.synchronize()
         device.empty_cache()
         if self._released and self._owns_engine and self.multi_stage_wake_up:
@@ -276,14 +274,13 @@ class FSDPSGLangShardingManager(BaseShardingManager):
     # ------------------------------------------------------------------------------------------- weights ------
     @torch.no_grad()
     def sync_weights(self) -> dict[str, int]:
-        """Gather the actor's full weights bucket by bucket and send each to the engine (see the module docstring).
+        """Send the actor's weights (:meth:`_weight_buckets`) bucket by bucket to the engine (see the module
+        docstring).
 
         The gathers are collectives: every rank iterates to the end, and a failure to send is raised only then, so
         that no rank is left waiting. Returns the bytes moved, the number of buckets, the largest bucket and the
         peak RSS seen (CPU).
         """
-        from verl.utils.fsdp_utils import iter_full_params_in_buckets
-
         stats = {"bytes": 0, "buckets": 0, "max_bucket": 0, "peak_rss": 0}
         self.last_buckets = []
         sending = self.sync and (self._owns_engine or self.tp_size > 1)
@@ -293,9 +290,7 @@ class FSDPSGLangShardingManager(BaseShardingManager):
                 self._begin()
             except Exception as exc:  # noqa: BLE001 - raised after the collectives
                 error = exc
-        for index, bucket in enumerate(
-                iter_full_params_in_buckets(self.module, bucket_bytes=self.bucket_bytes, dtype=self.dtype)):
-            named = [(_clean_name(name), tensor) for name, tensor in bucket]
+        for index, named in enumerate(self._weight_buckets()):
             size = sum(t.numel() * t.element_size() for _, t in named)
             if self.tp_size > 1 and self.sync:  # a collective within the group: every rank takes part
                 try:
@@ -313,7 +308,7 @@ class FSDPSGLangShardingManager(BaseShardingManager):
             self.last_buckets.append((len(named), size))
             if not is_cuda_available():
                 stats["peak_rss"] = max(stats["peak_rss"], _tree_rss_bytes())
-            del bucket, named  # before the next gather: at most one bucket is alive
+            del named  # before the next gather: at most one bucket is alive
         if sending and self._owns_engine and error is None:
             try:
                 self._end()
@@ -403,30 +398,30 @@ class FSDPSGLangShardingManager(BaseShardingManager):
             self.engine.end_weight_update()
         self.engine.flush_cache()
 
-    # ---------------------------------------------------------------------------------------------- data ------
-    def preprocess_data(self, data: DataProto) -> DataProto:
-        """With tensor parallelism: every rank of the group gets the group's prompts (in rank order)."""
-        if self.tp_size == 1:
-            return data
-        lengths: list[Any] = [None] * self.tp_size
-        dist.all_gather_object(lengths, len(data), group=self.tp_group)
-        self._group_lengths = [int(n) for n in lengths]
-        all_gather_data_proto(data, process_group=self.tp_group)
-        return data
 
-    def postprocess_data(self, data: DataProto) -> DataProto:
-        """With tensor parallelism: this rank's rows of the group's output (``n`` rows per prompt it sent)."""
-        if self.tp_size == 1:
-            return data
-        lengths = self._group_lengths
-        if lengths is None:
-            raise RuntimeError("postprocess_data without preprocess_data: the group's prompt counts are unknown")
-        total = sum(lengths)
-        if total == 0 or len(data) % total:
-            raise RuntimeError(f"the engine returned {len(data)} rows for {total} gathered prompts")
-        per_prompt = len(data) // total
-        start = sum(lengths[:self.tp_rank]) * per_prompt
-        return data[start:start + lengths[self.tp_rank] * per_prompt]
+class FSDPSGLangShardingManager(FSDPWeightSource, SGLangShardingManager):
+    """Load the FSDP2 (or plain) actor's weights into an SGLang engine on entry; release its memory on exit (see
+    the module docstring).
+
+    Args:
+        module: the training model (FSDP2 ``fully_shard``-ed, or a plain ``nn.Module`` in one process).
+        inference_engine: see :class:`SGLangShardingManager` (as are the other keyword arguments).
+        bucket_bytes: upper bound of gathered-but-not-yet-sent weights; ``rollout.update_weights_bucket_megabytes``.
+        offload_param: the actor's parameters live in host memory between steps (``fsdp_config.param_offload``).
+    """
+
+    def __init__(self,
+                 module: nn.Module,
+                 inference_engine: Any,
+                 bucket_bytes: int = 512 << 20,
+                 offload_param: bool = False,
+                 **engine_kwargs: Any) -> None:
+        self.module = module
+        self.offload_param = bool(offload_param)
+        super().__init__(inference_engine, bucket_bytes=bucket_bytes, **engine_kwargs)
+
+    def _engine_dtype(self) -> Any:
+        return self.dtype
 
 
 def _resolve_weight_sync(http: Any, engine: Any) -> str:
@@ -440,9 +435,14 @@ def _resolve_weight_sync(http: Any, engine: Any) -> str:
     return "tensor"
 
 
-def build_hybrid_engine(worker: Any, rollout_cls: type) -> tuple[Any, FSDPSGLangShardingManager]:
-    """The SGLang rollout of an FSDP ``ActorRolloutRefWorker`` and the sharding manager that feeds it the actor's
+def build_hybrid_engine(
+        worker: Any,
+        rollout_cls: type,
+        make_manager: Callable[..., SGLangShardingManager] | None = None) -> tuple[Any, SGLangShardingManager]:
+    """The SGLang rollout of an ``ActorRolloutRefWorker`` and the sharding manager that feeds it the actor's
     weights; called by the worker's ``_build_rollout`` for ``actor_rollout_ref.rollout.name=sglang``.
+    ``make_manager(inference_engine=, bucket_bytes=, **engine_settings)`` builds the manager around the worker's
+    actor; default: the FSDP actor (``worker.actor_module_fsdp``).
 
     Consecutive ranks form a tensor-parallel group (``rollout.tensor_model_parallel_size``, GPU only) whose first
     rank owns the engine. With ``rollout.http_server.address`` (one external server for the whole job) only global
@@ -460,15 +460,7 @@ def build_hybrid_engine(worker: Any, rollout_cls: type) -> tuple[Any, FSDPSGLang
 
     tp = int(get(rollout_cfg, "tensor_model_parallel_size", 1) or 1)
     distributed = dist.is_available() and dist.is_initialized()
-    world_size, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
-    if tp < 1 or world_size % tp:
-        raise ConfigError(f"{_KEY}.tensor_model_parallel_size: ={tp} must divide the number of worker processes "
-                          f"({world_size}). Fix: set it to a divisor of trainer.n_gpus_per_node * trainer.nnodes")
-    mesh = None
-    if tp > 1:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh(get_device_name(), (world_size // tp, tp), mesh_dim_names=("dp", "infer_tp"))
+    mesh, rank = build_infer_tp_mesh(tp)
     http = get(rollout_cfg, "http_server", {}) or {}
     external = bool(get(http, "enable", False)) and bool(get(http, "address", None))
     model_path = get(model_cfg, "path")
@@ -482,19 +474,23 @@ def build_hybrid_engine(worker: Any, rollout_cls: type) -> tuple[Any, FSDPSGLang
     on_gpu = is_cuda_available()
     dtype = to_torch_dtype(get(rollout_cfg, "dtype", "bfloat16"), torch.bfloat16) if on_gpu else torch.float32
     bucket_mb = float(get(rollout_cfg, "update_weights_bucket_megabytes", 512) or 512)
-    manager = FSDPSGLangShardingManager(module=worker.actor_module_fsdp,
-                                        inference_engine=rollout.engine,
-                                        bucket_bytes=int(bucket_mb * (1 << 20)),
-                                        offload_param=bool(getattr(worker, "_is_offload_param", False)),
-                                        release_memory=bool(get(rollout_cfg, "free_cache_engine", True)) and
-                                        not external,
-                                        multi_stage_wake_up=bool(get(rollout_cfg, "multi_stage_wake_up", False)),
-                                        device_mesh=mesh,
-                                        weight_sync=_resolve_weight_sync(http, rollout.engine),
-                                        sync=(rank == 0) if external else True,
-                                        dtype=dtype,
-                                        sync_dir=get(http, "sync_dir", None),
-                                        model_path=model_path,
-                                        master_address=get(http, "master_address", None),
-                                        barrier_after_sync=external and distributed)
+    if make_manager is None:
+
+        def make_manager(**kwargs: Any) -> SGLangShardingManager:
+            return FSDPSGLangShardingManager(module=worker.actor_module_fsdp,
+                                             offload_param=bool(getattr(worker, "_is_offload_param", False)),
+                                             **kwargs)
+
+    manager = make_manager(inference_engine=rollout.engine,
+                           bucket_bytes=int(bucket_mb * (1 << 20)),
+                           release_memory=bool(get(rollout_cfg, "free_cache_engine", True)) and not external,
+                           multi_stage_wake_up=bool(get(rollout_cfg, "multi_stage_wake_up", False)),
+                           device_mesh=mesh,
+                           weight_sync=_resolve_weight_sync(http, rollout.engine),
+                           sync=(rank == 0) if external else True,
+                           dtype=dtype,
+                           sync_dir=get(http, "sync_dir", None),
+                           model_path=model_path,
+                           master_address=get(http, "master_address", None),
+                           barrier_after_sync=external and distributed)
     return rollout, manager

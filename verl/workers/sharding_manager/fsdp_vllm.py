@@ -20,39 +20,40 @@ Every rank of the actor's mesh takes part in the gathers (they are collectives).
 ``perf/weight_sync_peak_memory_delta_gb``: accelerator allocations on GPU, process RSS on CPU) and
 ``timing["weight_sync"]``.
 
-:func:`build_hybrid_engine` is what the FSDP worker calls for ``actor_rollout_ref.rollout.name=vllm``.
+The engine side (steps 1-4 without the actor) is :class:`VLLMShardingManager`; a subclass supplies the actor's weights
+(``_weight_buckets``) and its offload (``_load_actor`` / ``_offload_actor``): :class:`FSDPVLLMShardingManager` here,
+:class:`~verl.workers.sharding_manager.megatron_vllm.MegatronVLLMShardingManager` for the Megatron actor.
+
+:func:`build_hybrid_engine` is what the FSDP worker calls for ``actor_rollout_ref.rollout.name=vllm``; its
+``make_manager`` argument lets another backend put its own weight source behind the same engine.
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from verl.protocol import DataProto, all_gather_data_proto
-from verl.utils.device import get_device_name, get_torch_device, is_cuda_available
-from verl.workers.sharding_manager.base import BaseShardingManager
-from verl.workers.sharding_manager.fsdp_hf import _clean_name, _rss_bytes
+from verl.utils.device import get_torch_device, is_cuda_available
+from verl.workers.sharding_manager.base import TPGroupShardingManager, build_infer_tp_mesh
+from verl.workers.sharding_manager.fsdp_hf import FSDPWeightSource, _rss_bytes
 
-__all__ = ["FSDPVLLMShardingManager", "build_hybrid_engine"]
+__all__ = ["VLLMShardingManager", "FSDPVLLMShardingManager", "build_hybrid_engine"]
 
 _GIB = float(1 << 30)
 _KEY = "actor_rollout_ref.rollout"
 
 
-class FSDPVLLMShardingManager(BaseShardingManager):
-    """Load the FSDP2 (or plain) actor's weights into a :class:`vLLMRollout` engine on entry; put it to sleep on
-    exit (see the module docstring).
+class VLLMShardingManager(TPGroupShardingManager):
+    """The engine side of the vLLM hybrid engine: wake the engine, stream the actor's weights into it, put it to sleep
+    on exit (see the module docstring). Subclasses supply the weights.
 
     Args:
-        module: the training model (FSDP2 ``fully_shard``-ed, or a plain ``nn.Module`` in one process).
         rollout: the :class:`~verl.workers.rollout.vllm_rollout.vLLMRollout` (anything with ``update_weights``,
             ``wake_up``, ``sleep``, ``reset_prefix_cache`` and ``model_dtype``).
         bucket_bytes: upper bound of gathered-but-not-yet-loaded weights (a single larger tensor is a bucket of its
             own); ``rollout.update_weights_bucket_megabytes``.
-        offload_param: the actor's parameters live in host memory between steps (``fsdp_config.param_offload``).
         free_cache_engine: sleep the engine between generations (``rollout.free_cache_engine``); it is put to sleep
             here already, so its memory is free until the first generation.
         device_mesh: the inference mesh with dimensions ``("dp", "infer_tp")``; None without tensor parallelism.
@@ -60,10 +61,8 @@ class FSDPVLLMShardingManager(BaseShardingManager):
     """
 
     def __init__(self,
-                 module: nn.Module,
                  rollout: Any,
                  bucket_bytes: int = 512 << 20,
-                 offload_param: bool = False,
                  free_cache_engine: bool = True,
                  device_mesh: Any = None,
                  sleep_level: int = 1) -> None:
@@ -71,45 +70,42 @@ class FSDPVLLMShardingManager(BaseShardingManager):
         if int(bucket_bytes) <= 0:
             raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}; set "
                              f"{_KEY}.update_weights_bucket_megabytes to a positive number")
-        self.module = module
         self.rollout = rollout
         self.bucket_bytes = int(bucket_bytes)
-        self.offload_param = bool(offload_param)
         self.free_cache_engine = bool(free_cache_engine)
         self.sleep_level = int(sleep_level)
-        self.device_mesh = device_mesh
-        if device_mesh is not None and "infer_tp" in (device_mesh.mesh_dim_names or ()):
-            self.tp_size = int(device_mesh["infer_tp"].size())
-            self.tp_rank = int(device_mesh["infer_tp"].get_local_rank())
-            self.tp_group = device_mesh["infer_tp"].get_group()
-        else:
-            self.tp_size, self.tp_rank, self.tp_group = 1, 0, None
+        self._init_tp_group(device_mesh)
         self.last_buckets: list[tuple[int, int]] = []  # (tensors, bytes) of each bucket of the last sync
-        self._group_lengths: list[int] | None = None
-        self._actor_was_training = True
         if self.free_cache_engine:
             self.rollout.sleep(level=self.sleep_level)
 
-    # ------------------------------------------------------------------------------------------ context -------
-    def __enter__(self) -> "FSDPVLLMShardingManager":
-        from verl.utils.fsdp_utils import load_fsdp_model_to_gpu, offload_fsdp_model_to_cpu
+    # ------------------------------------------------------------------------------------- weight source ------
+    def _weight_buckets(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """The actor's full weights under their Hugging Face names, in buckets of at most ``bucket_bytes`` (cast to
+        ``rollout.model_dtype``). A collective: every rank iterates to the end."""
+        raise NotImplementedError
 
+    def _load_actor(self) -> None:
+        """Bring offloaded actor parameters to the device for the sync."""
+
+    def _offload_actor(self) -> None:
+        """Offload them again after the sync."""
+
+    # ------------------------------------------------------------------------------------------ context -------
+    def __enter__(self) -> "VLLMShardingManager":
         device = get_torch_device()
         on_gpu = is_cuda_available()
         self.timing, self.metrics = {}, {}
-        self._actor_was_training = self.module.training
         if on_gpu:
             device.synchronize()
             device.reset_peak_memory_stats()
         mem_start = device.memory_allocated() if on_gpu else (_rss_bytes() or 0)
         start = time.perf_counter()
 
-        if self.offload_param:
-            load_fsdp_model_to_gpu(self.module)
+        self._load_actor()
         self.rollout.wake_up(tags=["weights"])
         stats = self.sync_weights()
-        if self.offload_param:
-            offload_fsdp_model_to_cpu(self.module, empty_cache=False)
+        self._offload_actor()
         device.synchronize()
         device.empty_cache()
         self.rollout.wake_up(tags=["kv_cache"])
@@ -134,28 +130,23 @@ class FSDPVLLMShardingManager(BaseShardingManager):
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
         if self.free_cache_engine:
             self.rollout.sleep(level=self.sleep_level)
-        self.module.train(self._actor_was_training)
         get_torch_device().empty_cache()
         return None
 
     # ------------------------------------------------------------------------------------------- weights ------
     @torch.no_grad()
     def sync_weights(self) -> dict[str, int]:
-        """Gather the actor's full weights bucket by bucket and stream them into the engine.
+        """Stream the actor's weights (:meth:`_weight_buckets`) bucket by bucket into the engine.
 
         The gathers are collectives: this rank iterates to the end even when the engine stops early or fails, so
         that the other ranks are not left waiting. Returns the bytes moved, the number of buckets, the largest
         bucket and the peak RSS seen (CPU).
         """
-        from verl.utils.fsdp_utils import iter_full_params_in_buckets
-
         stats = {"bytes": 0, "buckets": 0, "max_bucket": 0, "peak_rss": 0}
         self.last_buckets = []
 
         def stream() -> Iterator[tuple[str, torch.Tensor]]:
-            for bucket in iter_full_params_in_buckets(self.module,
-                                                      bucket_bytes=self.bucket_bytes,
-                                                      dtype=self.rollout.model_dtype):
+            for bucket in self._weight_buckets():
                 size = sum(t.numel() * t.element_size() for _, t in bucket)
                 stats["buckets"] += 1
                 stats["bytes"] += size
@@ -164,8 +155,7 @@ class FSDPVLLMShardingManager(BaseShardingManager):
                 rss = _rss_bytes()
                 if rss is not None:
                     stats["peak_rss"] = max(stats["peak_rss"], rss)
-                for name, tensor in bucket:
-                    yield _clean_name(name), tensor
+                yield from bucket
                 del bucket  # before the next gather: at most one bucket is alive
 
         weights = stream()
@@ -179,39 +169,59 @@ class FSDPVLLMShardingManager(BaseShardingManager):
                              "model (actor_rollout_ref.model.path)")
         return stats
 
-    # ---------------------------------------------------------------------------------------------- data ------
-    def preprocess_data(self, data: DataProto) -> DataProto:
-        """With tensor parallelism: every rank of the group gets the group's prompts (in rank order)."""
-        if self.tp_size == 1:
-            return data
-        lengths: list[Any] = [None] * self.tp_size
-        dist.all_gather_object(lengths, len(data), group=self.tp_group)
-        self._group_lengths = [int(n) for n in lengths]
-        all_gather_data_proto(data, process_group=self.tp_group)
-        return data
 
-    def postprocess_data(self, data: DataProto) -> DataProto:
-        """With tensor parallelism: this rank's rows of the group's output (``n`` rows per prompt it sent)."""
-        if self.tp_size == 1:
-            return data
-        lengths = self._group_lengths
-        if lengths is None:
-            raise RuntimeError("postprocess_data without preprocess_data: the group's prompt counts are unknown")
-        total = sum(lengths)
-        if total == 0 or len(data) % total:
-            raise RuntimeError(f"the engine returned {len(data)} rows for {total} gathered prompts")
-        per_prompt = len(data) // total
-        start = sum(lengths[:self.tp_rank]) * per_prompt
-        return data[start:start + lengths[self.tp_rank] * per_prompt]
+class FSDPVLLMShardingManager(FSDPWeightSource, VLLMShardingManager):
+    """Load the FSDP2 (or plain) actor's weights into a :class:`vLLMRollout` engine on entry; put it to sleep on
+    exit (see the module docstring).
+
+    Args:
+        module: the training model (FSDP2 ``fully_shard``-ed, or a plain ``nn.Module`` in one process).
+        rollout, bucket_bytes, free_cache_engine, device_mesh, sleep_level: see :class:`VLLMShardingManager`.
+        offload_param: the actor's parameters live in host memory between steps (``fsdp_config.param_offload``).
+    """
+
+    def __init__(self,
+                 module: nn.Module,
+                 rollout: Any,
+                 bucket_bytes: int = 512 << 20,
+                 offload_param: bool = False,
+                 free_cache_engine: bool = True,
+                 device_mesh: Any = None,
+                 sleep_level: int = 1) -> None:
+        self.module = module
+        self.offload_param = bool(offload_param)
+        self._actor_was_training = True
+        super().__init__(rollout,
+                         bucket_bytes=bucket_bytes,
+                         free_cache_engine=free_cache_engine,
+                         device_mesh=device_mesh,
+                         sleep_level=sleep_level)
+
+    def __enter__(self) -> "FSDPVLLMShardingManager":
+        self._actor_was_training = self.module.training
+        super().__enter__()
+        return self
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
+        super().__exit__(exc_type, exc_value, traceback)
+        self.module.train(self._actor_was_training)
+        return None
+
+    def _engine_dtype(self) -> Any:
+        return self.rollout.model_dtype
 
 
-def build_hybrid_engine(worker: Any, rollout_cls: type) -> tuple[Any, FSDPVLLMShardingManager]:
-    """The vLLM rollout of an FSDP ``ActorRolloutRefWorker`` and the sharding manager that feeds it the actor's
-    weights; called by the worker's ``_build_rollout`` for ``actor_rollout_ref.rollout.name=vllm``.
+def build_hybrid_engine(
+        worker: Any,
+        rollout_cls: type,
+        make_manager: Callable[..., VLLMShardingManager] | None = None) -> tuple[Any, VLLMShardingManager]:
+    """The vLLM rollout of an ``ActorRolloutRefWorker`` and the sharding manager that feeds it the actor's weights;
+    called by the worker's ``_build_rollout`` for ``actor_rollout_ref.rollout.name=vllm``.
 
     Builds the inference mesh ``(dp, infer_tp)`` over the worker group (consecutive ranks form a tensor-parallel
     group) when ``rollout.tensor_model_parallel_size > 1``. Every rank must call it (engine start and mesh creation
-    are collectives).
+    are collectives). ``make_manager(rollout=, bucket_bytes=, free_cache_engine=, device_mesh=)`` builds the manager
+    around the worker's actor; default: the FSDP actor (``worker.actor_module_fsdp``).
     """
     from verl.utils.config import cfg_select
 
@@ -224,16 +234,7 @@ def build_hybrid_engine(worker: Any, rollout_cls: type) -> tuple[Any, FSDPVLLMSh
         return default if value is None else value
 
     tp = int(get(rollout_cfg, "tensor_model_parallel_size", 1) or 1)
-    distributed = dist.is_available() and dist.is_initialized()
-    world_size, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
-    if tp < 1 or world_size % tp:
-        raise ValueError(f"{_KEY}.tensor_model_parallel_size={tp} must divide the number of worker processes "
-                         f"({world_size}). Fix: set it to a divisor of trainer.n_gpus_per_node * trainer.nnodes")
-    mesh = None
-    if tp > 1:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh(get_device_name(), (world_size // tp, tp), mesh_dim_names=("dp", "infer_tp"))
+    mesh, rank = build_infer_tp_mesh(tp)
     rollout = rollout_cls(model_path=get(model_cfg, "path"),
                           config=rollout_cfg,
                           tokenizer=worker.tokenizer,
@@ -243,10 +244,15 @@ def build_hybrid_engine(worker: Any, rollout_cls: type) -> tuple[Any, FSDPVLLMSh
                           tokenizer_path=get(model_cfg, "tokenizer_path", None),
                           trust_remote_code=bool(get(model_cfg, "trust_remote_code", False)))
     bucket_mb = float(get(rollout_cfg, "update_weights_bucket_megabytes", 512) or 512)
-    manager = FSDPVLLMShardingManager(module=worker.actor_module_fsdp,
-                                      rollout=rollout,
-                                      bucket_bytes=int(bucket_mb * (1 << 20)),
-                                      offload_param=bool(getattr(worker, "_is_offload_param", False)),
-                                      free_cache_engine=bool(get(rollout_cfg, "free_cache_engine", True)),
-                                      device_mesh=mesh)
+    if make_manager is None:
+
+        def make_manager(**kwargs: Any) -> VLLMShardingManager:
+            return FSDPVLLMShardingManager(module=worker.actor_module_fsdp,
+                                           offload_param=bool(getattr(worker, "_is_offload_param", False)),
+                                           **kwargs)
+
+    manager = make_manager(rollout=rollout,
+                           bucket_bytes=int(bucket_mb * (1 << 20)),
+                           free_cache_engine=bool(get(rollout_cfg, "free_cache_engine", True)),
+                           device_mesh=mesh)
     return rollout, manager

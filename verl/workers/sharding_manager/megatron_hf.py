@@ -8,11 +8,13 @@ pipeline group, and every rank converts them to Hugging Face names and layouts (
 vocabulary). :meth:`iter_weight_buckets` groups that stream into lists of at most ``bucket_bytes`` (a larger tensor is
 a list of its own), so no more than one bucket of gathered weights is alive besides what the consumer keeps.
 
-The consumer is a callable taking one bucket: by default the HF rollout's own model (:class:`HFModuleWeightLoader`,
-which copies tensors into parameters of the same names); a vLLM engine's ``model.load_weights(bucket)`` or SGLang's
-``update_weights_from_tensor(bucket)`` take the same lists. Every rank of the actor takes part (the gathers and
-broadcasts are collectives) and ends up with the full weights, so for generation each rank is its own data-parallel
-rank ("PP and TP as extra DP"); ``preprocess_data`` / ``postprocess_data`` are the identity.
+The generator is :class:`MegatronWeightGenerator`; its consumers are the hybrid engines of the rollout backends:
+:class:`MegatronHFShardingManager` here (the HF rollout's own model, through :class:`HFModuleWeightLoader`, which copies
+tensors into parameters of the same names), and the vLLM / SGLang ones of :mod:`.megatron_vllm` /
+:mod:`.megatron_sglang` (the engine's own weight loaders, which shard for the engine's tensor-parallel layout). Every
+rank of the actor takes part (the gathers and broadcasts are collectives) and ends up with the full weights, so for
+generation each rank is its own data-parallel rank ("PP and TP as extra DP"); for the HF rollout
+``preprocess_data`` / ``postprocess_data`` are the identity.
 
 Measurements of each sync are left in ``metrics`` (``perf/weight_sync_s``, ``_gb``, ``_buckets``, ``_max_bucket_mb``,
 ``_peak_memory_gb``) and ``timing["weight_sync"]``.
@@ -29,7 +31,10 @@ from torch import nn
 from verl.utils.device import get_device, get_torch_device, is_cuda_available
 from verl.workers.sharding_manager.base import BaseShardingManager
 
-__all__ = ["MegatronHFShardingManager", "HFModuleWeightLoader"]
+__all__ = [
+    "MegatronHFShardingManager", "HFModuleWeightLoader", "MegatronWeightGenerator", "MegatronWeightSource",
+    "megatron_manager_factory"
+]
 
 _GIB = float(1 << 30)
 
@@ -79,56 +84,42 @@ class HFModuleWeightLoader:
                              "the same config as the actor (actor_rollout_ref.model.path)")
 
 
-class MegatronHFShardingManager(BaseShardingManager):
-    """Stream the Megatron actor's weights into a rollout engine on entry.
+def _scoped_steps(iterator: Iterator[Any], scope: Callable[[], Any]) -> Iterator[Any]:
+    """Each step of ``iterator`` inside a fresh ``scope()`` context, none of the consumer's code: the Megatron CPU
+    redirection (:func:`~verl.utils.megatron_cpu.device_scope`) then never reaches a rollout engine's loaders."""
+    while True:
+        with scope():
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+        yield item
+
+
+class MegatronWeightGenerator:
+    """The Megatron actor's weights as full Hugging Face tensors, streamed (see the module docstring).
 
     Args:
         actor_module: this rank's model chunks (plain or DDP-wrapped ``GPTModel``), in virtual-stage order.
         converter: the :class:`~verl.models.mcore.DenseDecoderWeightConverter` of their layout.
-        inference_module: the HF rollout's model (its weights are overwritten on entry); or
-        load_weights_fn: any callable taking one bucket (list of ``(hf_name, tensor)``), e.g. an engine's loader.
         bucket_bytes: bound of one bucket (``rollout.update_weights_bucket_megabytes``).
-        dtype: cast floating tensors to it (default: the rollout model's dtype, if it has one).
-        offload_param / param_store: the actor's parameters are offloaded between phases; they are loaded for the
-            sync and offloaded again (``param_store`` is the worker's offload store).
-        offload_rollout: move the HF rollout model to host memory on exit (accelerators only).
+        dtype: cast floating tensors to it (None: the actor's dtype).
     """
 
     def __init__(self,
                  actor_module: list,
                  converter: Any,
-                 inference_module: Optional[nn.Module] = None,
-                 load_weights_fn: Optional[Callable[[list], Any]] = None,
                  bucket_bytes: int = 512 << 20,
-                 dtype: Optional[torch.dtype] = None,
-                 offload_param: bool = False,
-                 param_store: Optional[dict] = None,
-                 offload_rollout: bool = False) -> None:
-        super().__init__()
+                 dtype: Optional[torch.dtype] = None) -> None:
         if int(bucket_bytes) <= 0:
             raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}; set "
                              "actor_rollout_ref.rollout.update_weights_bucket_megabytes to a positive number")
-        if (inference_module is None) == (load_weights_fn is None):
-            raise ValueError("give exactly one of inference_module (HF rollout) and load_weights_fn (engine loader)")
         self.actor_module = list(actor_module)
         self.converter = converter
-        self.inference_module = inference_module
-        self.loader = HFModuleWeightLoader(inference_module) if inference_module is not None else None
-        self.load_weights_fn = load_weights_fn or self.loader
         self.bucket_bytes = int(bucket_bytes)
-        if dtype is None and inference_module is not None:
-            dtypes = {p.dtype for p in inference_module.parameters() if p.is_floating_point()}
-            dtype = dtypes.pop() if len(dtypes) == 1 else None
         self.dtype = dtype
-        self.offload_param = bool(offload_param)
-        self.param_store = param_store if param_store is not None else {}
-        self.offload_rollout = bool(offload_rollout)
-        self._rollout_offloaded = False
         self._meta: Optional[dict] = None
-        self.timing: dict[str, float] = {}
-        self.metrics: dict[str, float] = {}
 
-    # ------------------------------------------------------------------------------------------- generator ----
     def _local_params(self) -> list[dict[str, torch.Tensor]]:
         from verl.utils.megatron_utils import unwrap_model
 
@@ -210,35 +201,144 @@ class MegatronHFShardingManager(BaseShardingManager):
                         yield name, full.contiguous()
 
     def iter_weight_buckets(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """:meth:`iter_hf_weights` in lists of at most ``bucket_bytes``."""
+        """:meth:`iter_hf_weights` in lists of at most ``bucket_bytes``. Each step runs in megatron's CPU device
+        scope, the consumer's code between steps does not."""
         from verl.models.mcore import bucket_named_tensors
+        from verl.utils.megatron_cpu import device_scope
 
-        return bucket_named_tensors(self.iter_hf_weights(), self.bucket_bytes)
+        return _scoped_steps(bucket_named_tensors(self.iter_hf_weights(), self.bucket_bytes), device_scope)
+
+    def load_actor(self, param_store: dict) -> None:
+        """Bring offloaded actor parameters back (``*.megatron.param_offload``) for a sync."""
+        from verl.utils.megatron_utils import load_megatron_model
+
+        load_megatron_model(self.actor_module, param_store)
+
+    def offload_actor(self, param_store: dict) -> None:
+        """Offload the actor parameters again after a sync."""
+        from verl.utils.megatron_utils import offload_megatron_model
+
+        offload_megatron_model(self.actor_module, param_store)
+
+
+class MegatronWeightSource:
+    """The actor side of an engine sharding manager fed by a Megatron actor (vLLM, SGLang): the engine base class
+    asks for ``_weight_buckets`` / ``_load_actor`` / ``_offload_actor``; this mixin answers them with a
+    :class:`MegatronWeightGenerator` and the worker's parameter offload. Subclasses say which dtype the engine
+    wants (``_engine_dtype``)."""
+
+    generator: MegatronWeightGenerator
+
+    def _init_megatron_source(self, actor_module: list, converter: Any, bucket_bytes: int, dtype: Any,
+                              offload_param: bool, param_store: Optional[dict]) -> None:
+        self.generator = MegatronWeightGenerator(actor_module, converter, bucket_bytes=bucket_bytes, dtype=dtype)
+        self.offload_param = bool(offload_param)
+        self.param_store = param_store if param_store is not None else {}
+
+    def _engine_dtype(self) -> Any:
+        return None
+
+    def _weight_buckets(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        self.generator.dtype = self._engine_dtype()
+        return self.generator.iter_weight_buckets()
+
+    def _load_actor(self) -> None:
+        if self.offload_param:
+            self.generator.load_actor(self.param_store)
+
+    def _offload_actor(self) -> None:
+        if self.offload_param:
+            self.generator.offload_actor(self.param_store)
+
+
+def megatron_manager_factory(manager_cls: type, worker: Any) -> Callable[..., Any]:
+    """``make_manager`` for an engine's ``build_hybrid_engine``: ``manager_cls`` built on the Megatron worker's
+    ``actor_module``, ``converter`` and parameter offload (``_offload_param``, ``_offload_store``)."""
+
+    def make_manager(**kwargs: Any) -> Any:
+        return manager_cls(worker.actor_module,
+                           worker.converter,
+                           offload_param=bool(getattr(worker, "_offload_param", False)),
+                           param_store=getattr(worker, "_offload_store", None),
+                           **kwargs)
+
+    return make_manager
+
+
+class MegatronHFShardingManager(BaseShardingManager):
+    """Stream the Megatron actor's weights into a rollout engine on entry.
+
+    Args:
+        actor_module: this rank's model chunks (plain or DDP-wrapped ``GPTModel``), in virtual-stage order.
+        converter: the :class:`~verl.models.mcore.DenseDecoderWeightConverter` of their layout.
+        inference_module: the HF rollout's model (its weights are overwritten on entry); or
+        load_weights_fn: any callable taking one bucket (list of ``(hf_name, tensor)``), e.g. an engine's loader.
+        bucket_bytes: bound of one bucket (``rollout.update_weights_bucket_megabytes``).
+        dtype: cast floating tensors to it (default: the rollout model's dtype, if it has one).
+        offload_param / param_store: the actor's parameters are offloaded between phases; they are loaded for the
+            sync and offloaded again (``param_store`` is the worker's offload store).
+        offload_rollout: move the HF rollout model to host memory on exit (accelerators only).
+    """
+
+    def __init__(self,
+                 actor_module: list,
+                 converter: Any,
+                 inference_module: Optional[nn.Module] = None,
+                 load_weights_fn: Optional[Callable[[list], Any]] = None,
+                 bucket_bytes: int = 512 << 20,
+                 dtype: Optional[torch.dtype] = None,
+                 offload_param: bool = False,
+                 param_store: Optional[dict] = None,
+                 offload_rollout: bool = False) -> None:
+        super().__init__()
+        if (inference_module is None) == (load_weights_fn is None):
+            raise ValueError("give exactly one of inference_module (HF rollout) and load_weights_fn (engine loader)")
+        if dtype is None and inference_module is not None:
+            dtypes = {p.dtype for p in inference_module.parameters() if p.is_floating_point()}
+            dtype = dtypes.pop() if len(dtypes) == 1 else None
+        self.generator = MegatronWeightGenerator(actor_module, converter, bucket_bytes=bucket_bytes, dtype=dtype)
+        self.actor_module = self.generator.actor_module
+        self.converter = converter
+        self.inference_module = inference_module
+        self.loader = HFModuleWeightLoader(inference_module) if inference_module is not None else None
+        self.load_weights_fn = load_weights_fn or self.loader
+        self.bucket_bytes = self.generator.bucket_bytes
+        self.dtype = dtype
+        self.offload_param = bool(offload_param)
+        self.param_store = param_store if param_store is not None else {}
+        self.offload_rollout = bool(offload_rollout)
+        self._rollout_offloaded = False
+        self.timing: dict[str, float] = {}
+        self.metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------- generator ----
+    def iter_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """:meth:`MegatronWeightGenerator.iter_hf_weights` (collective)."""
+        return self.generator.iter_hf_weights()
+
+    def iter_weight_buckets(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """:meth:`MegatronWeightGenerator.iter_weight_buckets` (collective)."""
+        return self.generator.iter_weight_buckets()
 
     # ---------------------------------------------------------------------------------------------- context ----
     def sync_weights(self) -> dict[str, int]:
         """Stream all buckets into the consumer; returns bytes, bucket count, largest bucket, peak RSS."""
-        from verl.utils.megatron_cpu import device_scope
-
         stats = {"bytes": 0, "buckets": 0, "max_bucket": 0, "peak_rss": 0}
         if self.loader is not None:
             self.loader.reset()
-        with device_scope():
-            for bucket in self.iter_weight_buckets():
-                size = sum(t.numel() * t.element_size() for _, t in bucket)
-                self.load_weights_fn(bucket)
-                stats["bytes"] += size
-                stats["buckets"] += 1
-                stats["max_bucket"] = max(stats["max_bucket"], size)
-                stats["peak_rss"] = max(stats["peak_rss"], _rss_bytes())
-                del bucket
+        for bucket in self.iter_weight_buckets():
+            size = sum(t.numel() * t.element_size() for _, t in bucket)
+            self.load_weights_fn(bucket)
+            stats["bytes"] += size
+            stats["buckets"] += 1
+            stats["max_bucket"] = max(stats["max_bucket"], size)
+            stats["peak_rss"] = max(stats["peak_rss"], _rss_bytes())
+            del bucket
         if self.loader is not None:
             self.loader.finish()
         return stats
 
     def __enter__(self) -> "MegatronHFShardingManager":
-        from verl.utils.megatron_utils import load_megatron_model, offload_megatron_model
-
         device = get_torch_device()
         on_gpu = is_cuda_available()
         self.timing, self.metrics = {}, {}
@@ -250,10 +350,10 @@ class MegatronHFShardingManager(BaseShardingManager):
             self.inference_module.to(get_device())
             self._rollout_offloaded = False
         if self.offload_param:
-            load_megatron_model(self.actor_module, self.param_store)
+            self.generator.load_actor(self.param_store)
         stats = self.sync_weights()
         if self.offload_param:
-            offload_megatron_model(self.actor_module, self.param_store)
+            self.generator.offload_actor(self.param_store)
         device.synchronize()
         device.empty_cache()
         if self.inference_module is not None:
