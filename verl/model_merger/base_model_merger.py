@@ -81,8 +81,20 @@ def generate_config_from_args(args: argparse.Namespace) -> ModelMergerConfig:
 class BaseModelMerger:
     """Merge a backend's shards into one full state dict (:meth:`merge_state_dict`), then save or test it."""
 
+    backend: str = ""  # the ``--backend`` name of a subclass
+
     def __init__(self, config: ModelMergerConfig) -> None:
         self.config = config
+
+    @classmethod
+    def merge_checkpoint(cls, local_dir: str, target_dir: str, hf_model_config_path: Optional[str] = None) -> str:
+        """Python entry point of the merge: write ``target_dir`` and return it."""
+        config = ModelMergerConfig(operation="merge",
+                                   backend=cls.backend,
+                                   local_dir=local_dir,
+                                   target_dir=target_dir,
+                                   hf_model_config_path=hf_model_config_path)
+        return cls(config).merge_and_save()
 
     def merge_state_dict(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -132,6 +132,8 @@ def _merge_all(meta: dict[str, Any], shards: list[dict[str, Any]]) -> dict[str, 
 class FSDPModelMerger(BaseModelMerger):
     """``python -m verl.model_merger merge --backend fsdp --local_dir .../actor --target_dir OUT``."""
 
+    backend = "fsdp"
+
     def merge_state_dict(self) -> dict[str, torch.Tensor]:
         meta, shards = load_fsdp_shards(self.config.local_dir)
         return _merge_all(meta, shards)
@@ -139,11 +141,4 @@ class FSDPModelMerger(BaseModelMerger):
 
 def merge_fsdp_checkpoint(local_dir: str, target_dir: str, hf_model_config_path: Optional[str] = None) -> str:
     """Python entry point of the merge: write ``target_dir`` and return it."""
-    from verl.model_merger.base_model_merger import ModelMergerConfig
-
-    config = ModelMergerConfig(operation="merge",
-                               backend="fsdp",
-                               local_dir=local_dir,
-                               target_dir=target_dir,
-                               hf_model_config_path=hf_model_config_path)
-    return FSDPModelMerger(config).merge_and_save()
+    return FSDPModelMerger.merge_checkpoint(local_dir, target_dir, hf_model_config_path)

@@ -139,6 +139,8 @@ def unstack_layers(tensors: dict[str, torch.Tensor], num_layers: int) -> dict[st
 class MegatronModelMerger(BaseModelMerger):
     """``python -m verl.model_merger merge --backend megatron --local_dir .../actor --target_dir OUT``."""
 
+    backend = "megatron"
+
     def _check_architecture(self, hf_config: Any) -> None:
         """Fail before reading any tensor when no converter of :mod:`verl.models.mcore` handles the config."""
         from verl.models.mcore import get_architecture, get_mcore_model_entry
@@ -199,11 +201,4 @@ class MegatronModelMerger(BaseModelMerger):
 
 def merge_megatron_checkpoint(local_dir: str, target_dir: str, hf_model_config_path: Optional[str] = None) -> str:
     """Python entry point of the merge: write ``target_dir`` and return it."""
-    from verl.model_merger.base_model_merger import ModelMergerConfig
-
-    config = ModelMergerConfig(operation="merge",
-                               backend="megatron",
-                               local_dir=local_dir,
-                               target_dir=target_dir,
-                               hf_model_config_path=hf_model_config_path)
-    return MegatronModelMerger(config).merge_and_save()
+    return MegatronModelMerger.merge_checkpoint(local_dir, target_dir, hf_model_config_path)

@@ -11,13 +11,15 @@ Usage inside a worker::
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch.distributed as dist
 
 from verl.protocol import DataProto, all_gather_data_proto
 from verl.utils.config import ConfigError
 from verl.utils.device import get_device_name
+
+_GIB = float(1 << 30)
 
 __all__ = ["BaseShardingManager", "TPGroupShardingManager", "build_infer_tp_mesh"]
 
@@ -40,6 +42,25 @@ class BaseShardingManager:
 
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
         return None  # never swallow an exception raised while generating
+
+    def _record_weight_sync(self,
+                            elapsed: float,
+                            stats: dict[str, Any],
+                            peak: float,
+                            mem_start: Optional[float] = None) -> None:
+        """Leave one sync's measurements in ``timing`` / ``metrics`` under the names every engine reports:
+        ``stats`` holds the bytes, buckets and largest bucket sent; ``peak`` (bytes) is the peak device memory on
+        GPU, else the peak RSS; ``mem_start`` (same unit, before the sync) adds the peak's growth over it."""
+        self.timing["weight_sync"] = elapsed
+        self.metrics.update({
+            "perf/weight_sync_s": elapsed,
+            "perf/weight_sync_gb": stats["bytes"] / _GIB,
+            "perf/weight_sync_buckets": stats["buckets"],
+            "perf/weight_sync_max_bucket_mb": stats["max_bucket"] / float(1 << 20),
+            "perf/weight_sync_peak_memory_gb": peak / _GIB,
+        })
+        if mem_start is not None:
+            self.metrics["perf/weight_sync_peak_memory_delta_gb"] = max(0, peak - mem_start) / _GIB
 
     def preprocess_data(self, data: DataProto) -> DataProto:
         """Data as this rank's rollout engine needs it (e.g. all-gathered within its tensor-parallel group)."""

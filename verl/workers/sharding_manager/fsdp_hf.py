@@ -24,7 +24,6 @@ from verl.workers.sharding_manager.base import BaseShardingManager
 
 __all__ = ["FSDPHFShardingManager"]
 
-_GIB = float(1 << 30)
 # wrapper prefixes that may appear inside a training module's parameter names but not in a plain HF model's
 _WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
@@ -110,15 +109,7 @@ class FSDPHFShardingManager(BaseShardingManager):
             peak = device.max_memory_allocated()
         else:
             peak = max(stats["peak_rss"], _rss_bytes() or 0)
-        self.timing["weight_sync"] = elapsed
-        self.metrics.update({
-            "perf/weight_sync_s": elapsed,
-            "perf/weight_sync_gb": stats["bytes"] / _GIB,
-            "perf/weight_sync_buckets": stats["buckets"],
-            "perf/weight_sync_max_bucket_mb": stats["max_bucket"] / float(1 << 20),
-            "perf/weight_sync_peak_memory_gb": peak / _GIB,
-            "perf/weight_sync_peak_memory_delta_gb": max(0, peak - mem_start) / _GIB,
-        })
+        self._record_weight_sync(elapsed, stats, peak, mem_start)
         return self
 
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:

@@ -57,7 +57,6 @@ from verl.workers.sharding_manager.fsdp_hf import FSDPWeightSource
 
 __all__ = ["SGLangShardingManager", "FSDPSGLangShardingManager", "build_hybrid_engine", "WEIGHT_SYNC_MODES"]
 
-_GIB = float(1 << 30)
 _KEY = "actor_rollout_ref.rollout"
 WEIGHT_SYNC_MODES = ("tensor", "distributed", "disk")
 
@@ -253,15 +252,7 @@ class SGLangShardingManager(TPGroupShardingManager):
 
         elapsed = time.perf_counter() - start
         peak = device.max_memory_allocated() if on_gpu else max(stats["peak_rss"], _tree_rss_bytes())
-        self.timing["weight_sync"] = elapsed
-        self.metrics.update({
-            "perf/weight_sync_s": elapsed,
-            "perf/weight_sync_gb": stats["bytes"] / _GIB,
-            "perf/weight_sync_buckets": stats["buckets"],
-            "perf/weight_sync_max_bucket_mb": stats["max_bucket"] / float(1 << 20),
-            "perf/weight_sync_peak_memory_gb": peak / _GIB,
-            "perf/weight_sync_peak_memory_delta_gb": max(0, peak - mem_start) / _GIB,
-        })
+        self._record_weight_sync(elapsed, stats, peak, mem_start)
         return self
 
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:

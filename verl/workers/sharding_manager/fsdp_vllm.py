@@ -41,7 +41,6 @@ from verl.workers.sharding_manager.fsdp_hf import FSDPWeightSource, _rss_bytes
 
 __all__ = ["VLLMShardingManager", "FSDPVLLMShardingManager", "build_hybrid_engine"]
 
-_GIB = float(1 << 30)
 _KEY = "actor_rollout_ref.rollout"
 
 
@@ -116,15 +115,7 @@ class VLLMShardingManager(TPGroupShardingManager):
             peak = device.max_memory_allocated()
         else:
             peak = max(stats["peak_rss"], _rss_bytes() or 0)
-        self.timing["weight_sync"] = elapsed
-        self.metrics.update({
-            "perf/weight_sync_s": elapsed,
-            "perf/weight_sync_gb": stats["bytes"] / _GIB,
-            "perf/weight_sync_buckets": stats["buckets"],
-            "perf/weight_sync_max_bucket_mb": stats["max_bucket"] / float(1 << 20),
-            "perf/weight_sync_peak_memory_gb": peak / _GIB,
-            "perf/weight_sync_peak_memory_delta_gb": max(0, peak - mem_start) / _GIB,
-        })
+        self._record_weight_sync(elapsed, stats, peak, mem_start)
         return self
 
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:

@@ -36,8 +36,6 @@ __all__ = [
     "megatron_manager_factory"
 ]
 
-_GIB = float(1 << 30)
-
 
 def _rss_bytes() -> int:
     try:
@@ -360,14 +358,7 @@ class MegatronHFShardingManager(BaseShardingManager):
             self.inference_module.eval()
         elapsed = time.perf_counter() - start
         peak = device.max_memory_allocated() if on_gpu else max(stats["peak_rss"], _rss_bytes())
-        self.timing["weight_sync"] = elapsed
-        self.metrics.update({
-            "perf/weight_sync_s": elapsed,
-            "perf/weight_sync_gb": stats["bytes"] / _GIB,
-            "perf/weight_sync_buckets": stats["buckets"],
-            "perf/weight_sync_max_bucket_mb": stats["max_bucket"] / float(1 << 20),
-            "perf/weight_sync_peak_memory_gb": peak / _GIB,
-        })
+        self._record_weight_sync(elapsed, stats, peak)
         return self
 
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
