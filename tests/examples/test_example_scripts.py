@@ -11,6 +11,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -143,13 +144,14 @@ def test_every_script_has_a_check():
     assert sorted(CHECKS) == SCRIPTS, "add an entry to CHECKS for every example script (and remove stale ones)"
 
 
-def run_example_script(script: str, data: dict, out, args=()) -> str:
-    """Run ``examples/<script>`` as a user does, with TINY_ENV, the tiny model and data (``data`` fixture) and every
-    output under ``out``; return its log, failing the test on a non-zero exit. Other tests that need what an example
-    script leaves behind (e.g. tests/trainer/test_debug_dump_notebook.py) call this too."""
+def run_example_script(script: str, data: dict, out, args=(), env_overrides: dict | None = None) -> str:
+    """Run ``examples/<script>`` as a user does, with TINY_ENV (updated by ``env_overrides``), the tiny model and data
+    (``data`` fixture) and every output under ``out``; return its log, failing the test on a non-zero exit. Other tests
+    that need what an example script leaves behind (e.g. tests/trainer/test_debug_dump_notebook.py) call this too."""
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)  # each script starts its own local Ray
     env.update(TINY_ENV)
+    env.update(env_overrides or {})
     env.update({
         "HOME": str(out / "home"),  # nothing lands in the real home directory
         "PATH": os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),  # python3 = this interpreter
@@ -184,3 +186,18 @@ def test_example_script_runs_with_the_tiny_model(script, data, tmp_path):
         pytest.skip("megatron-core is not installed (pip install megatron-core==0.16.1)")
     args, check = CHECKS[script]
     check(tmp_path, run_example_script(script, data, tmp_path, args))
+    if script in RESUMED:
+        check_resume(tmp_path, run_example_script(script, data, tmp_path, args,
+                                                  {"TOTAL_TRAINING_STEPS": str(STEPS + 1)}))
+
+
+# scripts run a second time with one more step: the trainer's default resume_mode=auto continues from their last
+# checkpoint in a new process (for Megatron: model, distributed optimizer with Adam's step counter, lr and RNG state)
+RESUMED = {"grpo_trainer/run_qwen2-7b_megatron.sh"}
+
+
+def check_resume(out, log: str) -> None:
+    assert f"resuming from checkpoint {out / 'ckpt' / f'global_step_{STEPS}'}" in log, log[-3000:]
+    steps = [int(step) for step in re.findall(r"\bstep:(\d+) - ", log)]  # the console logger's lines
+    assert steps == [STEPS + 1], f"the resumed run should train step {STEPS + 1} only, it logged steps {steps}"
+    assert (out / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == str(STEPS + 1)

@@ -76,5 +76,7 @@ def test_vllm_and_sglang_hybrid_engines_stream_into_mock_engines_with_pp(tmp_pat
     _run("engine_mock", 1, 2, tmp_path)
 
 
-def test_dist_checkpoint_round_trip_with_pp(tmp_path):
-    _run("checkpoint", 1, 2, tmp_path)
+@pytest.mark.parametrize("tp,pp", [(1, 2), (1, 1)], ids=["pp2", "dp2"])
+def test_dist_checkpoint_resume_replays_the_next_update(tp, pp, tmp_path):
+    """dp2 shards the distributed optimizer's state over the two ranks."""
+    _run("checkpoint", tp, pp, tmp_path)

@@ -10,6 +10,11 @@ manager's::
     megatron_checkpoint.json        sizes and contents
 
 Dist checkpoints are sharding-agnostic: a run may resume with other TP / PP / DP sizes (megatron re-shards on load).
+
+The optimizer's step counter is kept here, next to megatron's state: the ``dp_reshardable`` format treats torch
+Adam's per-parameter ``step`` as a local, non-persistent object, so on load it would keep whatever the live optimizer
+had (0 in a fresh process), and Adam's bias correction would restart. It is saved as ``optimizer_step`` in the dist
+checkpoint's common state and put back after megatron loads the rest, so a resumed run replays the next update exactly.
 """
 from __future__ import annotations
 
@@ -31,6 +36,48 @@ META_FILE = "megatron_checkpoint.json"
 
 def _extra_name(rank: int) -> str:
     return f"extra_state_rank_{rank}.pt"
+
+
+def _inner_optimizers(optimizer: Any) -> list:
+    """The torch optimizers behind a megatron optimizer (one per chained optimizer)."""
+    chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return [getattr(opt, "optimizer", opt) for opt in chained]
+
+
+def _optimizer_step(optimizer: Any) -> Optional[int]:
+    """Updates taken so far: torch Adam keeps them per parameter state, TE / Apex FusedAdam per param group."""
+    steps = [float(state["step"]) for inner in _inner_optimizers(optimizer) for state in inner.state.values()]
+    steps += [float(g["step"]) for inner in _inner_optimizers(optimizer) for g in inner.param_groups if "step" in g]
+    return int(max(steps)) if steps else None
+
+
+def _set_optimizer_step(optimizer: Any, step: int) -> None:
+    """Set the step counter of every parameter state, each to a tensor of its own: megatron's loader hands all states
+    one shared tensor, which torch Adam would then advance once per parameter on every update."""
+    for inner in _inner_optimizers(optimizer):
+        for state in inner.state.values():
+            if "step" in state:
+                old = state["step"]
+                state["step"] = torch.full_like(old, step) if torch.is_tensor(old) else step
+        for group in inner.param_groups:
+            if "step" in group:
+                group["step"] = step
+
+
+def _allocate_adam_state(optimizer: Any) -> None:
+    """Give a fresh torch Adam(W) its (zero) state. Megatron's distributed optimizer reads the step counter from the
+    live state while it describes what to load, and fails on an optimizer that has not stepped yet (a new process
+    resuming); allocating zeros here, instead of a dummy update, leaves the parameters untouched."""
+    for inner in _inner_optimizers(optimizer):
+        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW) or len(inner.state) > 0:
+            continue
+        for group in inner.param_groups:
+            for param in group["params"]:
+                inner.state[param] = {
+                    "step": torch.tensor(0.0),
+                    "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+                }
 
 
 class MegatronCheckpointManager(BaseCheckpointManager):
@@ -65,8 +112,12 @@ class MegatronCheckpointManager(BaseCheckpointManager):
         model_sd = {f"model{i}": unwrap_model(chunk).sharded_state_dict() for i, chunk in enumerate(self.model)}
         out = dict(model_sd) if with_model else {}
         if with_optimizer and self.optimizer is not None:
+            if is_loading:
+                _allocate_adam_state(self.optimizer)
             out["optimizer"] = self.optimizer.sharded_state_dict(
                 model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+            if not is_loading:
+                out["optimizer_step"] = _optimizer_step(self.optimizer)  # common state (see the module docstring)
         return out
 
     def _extra_state(self) -> dict:
@@ -185,6 +236,8 @@ class MegatronCheckpointManager(BaseCheckpointManager):
                 if with_optim:
                     with torch.no_grad():  # fp32 main params are views of the model's (grad-requiring) params
                         self.optimizer.load_state_dict(state["optimizer"])
+                    step = state.get("optimizer_step")  # absent in checkpoints written before it was kept
+                    _set_optimizer_step(self.optimizer, _optimizer_step(self.optimizer) if step is None else step)
             if self.should_load_extra:
                 path = os.path.join(local_path, _extra_name(self.rank))
                 if not os.path.isfile(path):
