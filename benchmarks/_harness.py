@@ -16,7 +16,8 @@ shuffling), ``batch`` prompts x ``n`` samples per step, one optimizer step per g
 ``ppo_mini_batch_size = train_batch_size``, one PPO epoch; TRL: ``gradient_accumulation_steps * micro = batch * n``,
 one iteration), the same micro-batch of rows per forward/backward, AdamW with the same lr / betas / weight decay,
 constant schedule, grad-norm clip 1.0, clip ratio 0.2, no KL term and no reference model, token-mean loss, group-
-normalised advantages, sampling at temperature 1 without top-k/top-p, no gradient checkpointing, no torch.compile.
+normalised advantages, sampling at the workload's ``temperature`` (1 unless set) without top-k/top-p, no gradient
+checkpointing, no torch.compile.
 With ``fixed_length`` every sample is exactly ``response_length`` tokens (verl: ``rollout.ignore_eos``; TRL:
 ``min_new_tokens = max_new_tokens``), so tokens/s count the same tokens on both sides.
 """
@@ -99,6 +100,7 @@ class Workload:
     train_rows: int = 1024  # arithmetic problems written for training
     ours_overrides: list[str] = field(default_factory=list)
     trl_dtype: str = "float32"  # TRL's stored weights: float32 (+ bf16 autocast on GPU, like ours) or bfloat16
+    temperature: float = 1.0  # sampling temperature of both rollouts (the losses divide the logits by it too)
 
     @property
     def rows(self) -> int:
@@ -558,7 +560,7 @@ def ours_overrides(spec: dict[str, Any]) -> list[str]:
         "actor_rollout_ref.actor.checkpoint.save_contents=[hf_model]",
         "actor_rollout_ref.rollout.name=hf",
         f"actor_rollout_ref.rollout.n={spec['n']}",
-        "actor_rollout_ref.rollout.temperature=1.0",
+        f"actor_rollout_ref.rollout.temperature={spec['temperature']}",
         "actor_rollout_ref.rollout.top_p=1.0",
         "actor_rollout_ref.rollout.top_k=-1",
         "actor_rollout_ref.rollout.do_sample=True",
@@ -719,7 +721,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         num_generations=spec["n"],
         max_completion_length=R,
         generation_kwargs={"min_new_tokens": R} if spec["fixed_length"] else None,
-        temperature=1.0,
+        temperature=float(spec["temperature"]),
         top_p=1.0,
         top_k=0,
         learning_rate=float(spec["lr"]),
@@ -972,6 +974,7 @@ def add_workload_args(parser: argparse.ArgumentParser, presets: Sequence[str], l
     parser.add_argument("--response-length", type=int, default=None, help="new tokens per sample")
     parser.add_argument("--micro-batch", type=int, default=None, help="rows per forward/backward")
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature of both libraries")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process on CPU")
@@ -997,7 +1000,7 @@ def workload_from_args(args: argparse.Namespace, presets: dict[str, Workload]) -
     w = presets[args.size]
     changes = {}
     for name in ("model", "batch", "n", "prompt_length", "response_length", "micro_batch", "lr", "steps", "seed",
-                 "threads", "warmup", "repeats", "trl_dtype"):
+                 "threads", "warmup", "repeats", "trl_dtype", "temperature"):
         value = getattr(args, name, None)
         if value is not None:
             changes[name] = value
@@ -1010,6 +1013,8 @@ def workload_from_args(args: argparse.Namespace, presets: dict[str, Workload]) -
         raise ValueError(f"--n must be >= 2 for GRPO (group-normalised advantages), got {w.n}")
     if w.rows % w.micro_batch:
         raise ValueError(f"--micro-batch {w.micro_batch} must divide batch x n = {w.rows}")
+    if w.temperature <= 0:
+        raise ValueError(f"--temperature must be > 0 (GRPO samples), got {w.temperature}")
     return w
 
 
@@ -1019,6 +1024,22 @@ def selected_libs(text: str) -> list[str]:
     if bad or not libs:
         raise ValueError(f"--libs: unknown {bad or text!r}; use a comma-separated subset of {list(LIBS)}")
     return libs
+
+
+def runnable_libs(text: str) -> tuple[list[str], dict[str, str]]:
+    """``(libraries to run, {skipped library: why})`` for ``--libs``: TRL is left out, with the reason printed, when
+    it is not installed; nothing left to run is an error."""
+    libs = selected_libs(text)
+    skipped: dict[str, str] = {}
+    if "trl" in libs:
+        reason = trl_unavailable_reason(import_it=False)
+        if reason:
+            print(f"TRL half skipped: {reason}", flush=True)
+            libs.remove("trl")
+            skipped["trl"] = reason
+    if not libs:
+        raise SystemExit("nothing to run: " + "; ".join(skipped.values()))
+    return libs, skipped
 
 
 def make_work_dir(path: Optional[str], prefix: str) -> tuple[str, bool]:

@@ -78,16 +78,7 @@ def gap_analysis(ours: Optional[dict[str, Any]], trl: Optional[dict[str, Any]]) 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = _parse(argv)
     workload = h.workload_from_args(args, h.PRESETS)
-    libs = h.selected_libs(args.libs)
-    skipped: dict[str, str] = {}
-    if "trl" in libs:
-        reason = h.trl_unavailable_reason(import_it=False)
-        if reason:
-            print(f"TRL half skipped: {reason}", flush=True)
-            libs.remove("trl")
-            skipped["trl"] = reason
-    if not libs:
-        raise SystemExit("nothing to run: " + "; ".join(skipped.values()))
+    libs, skipped = h.runnable_libs(args.libs)
     device = h.resolve_device(args.device)
     env = h.environment_info(device)
     model_path, model_desc = h.resolve_model(workload.model)

@@ -34,7 +34,7 @@ SMALL = ["--size", "tiny", "--batch", "2", "--n", "2", "--response-length", "8",
 ROWS, RESPONSE = 4, 8
 SCRIPTS = {
     "grpo_step": SMALL + ["--repeats", "1", "--warmup", "1"],
-    "learning": SMALL[2:] + ["--model", "tiny", "--eval-every", "2", "--eval-rows", "4"],
+    "learning": SMALL[2:] + ["--model", "tiny", "--eval-every", "2", "--eval-rows", "4", "--temperature", "0.7"],
     "components": SMALL + ["--scales", "1", "--warmup", "1"],
 }
 
@@ -156,6 +156,8 @@ def test_learning_ours_half(runs):
     run = _ok(runs, "learning")
     payload, stdout = run["json"], run["stdout"]
     assert payload["samples_per_step"] == ROWS and payload["eval_steps"] == [0, 2]
+    assert payload["workload"]["temperature"] == 0.7 and "temperature 0.7" in stdout
+    assert payload["runs"]["ours"][0]["spec"]["temperature"] == 0.7  # what the run was given
     _check_curve(payload["curves"]["ours"], steps=2)
     assert 0.0 <= payload["initial_accuracy"] <= 1.0
     assert payload["final_accuracy"]["ours"] == payload["curves"]["ours"]["greedy_accuracy"]["2"]
