@@ -225,10 +225,10 @@ def check_weights(tp: int, pp: int) -> None:
     assert manager.metrics["perf/weight_sync_buckets"] > 1
 
 
-def check_checkpoint(tp: int, pp: int, out_dir: str) -> None:
-    """Megatron dist checkpoint: save after two updates, take a third; a fresh model and optimizer (a new process
-    resuming) load the checkpoint, get the saved weights, lr step and Adam state back, and replay the third update
-    exactly (Adam's step counter included: a restarted bias correction would move the weights differently)."""
+def _checkpointed_actors(tp: int, pp: int):
+    """``(build, data)``: ``build(save_contents, load_contents=None) -> (actor, scheduler, manager)`` makes a fresh
+    Megatron actor with its optimizer, lr schedule and checkpoint manager (TP x PP over this job's ranks); several
+    builds in one process stand for a run and its resumption."""
     from verl.utils.checkpoint.megatron_checkpoint_manager import MegatronCheckpointManager
     from verl.utils.megatron_utils import MegatronLRScheduler, build_megatron_model, build_megatron_optimizer
     from verl.workers.actor.megatron_actor import MegatronPPOActor
@@ -237,22 +237,31 @@ def check_checkpoint(tp: int, pp: int, out_dir: str) -> None:
     optim = {"lr": 1e-3, "weight_decay": 0.01}
     actor_cfg = OmegaConf.create({"ppo_mini_batch_size": 8, "ppo_micro_batch_size_per_gpu": 4, "clip_ratio": 0.2})
 
-    def build():
+    def build(save_contents: list, load_contents: list | None = None):
         chunks, tf_config, converter = build_megatron_model(hf_config, mcfg, path)
         optimizer = build_megatron_optimizer(chunks, optim, mcfg, grad_clip=1.0)
         scheduler = MegatronLRScheduler(optimizer, optim)
-        manager = MegatronCheckpointManager(
-            chunks,
-            optimizer,
-            scheduler,
-            converter=converter,
-            hf_config=hf_config,
-            checkpoint_config={"save_contents": ["model", "optimizer", "extra", "hf_model"]})
+        ckpt_cfg = {"save_contents": save_contents, "load_contents": load_contents or save_contents}
+        manager = MegatronCheckpointManager(chunks,
+                                            optimizer,
+                                            scheduler,
+                                            converter=converter,
+                                            hf_config=hf_config,
+                                            checkpoint_config=ckpt_cfg)
         return MegatronPPOActor(actor_cfg, hf_config, tf_config, chunks, optimizer), scheduler, manager
 
     data = _batch(hf_config.vocab_size)
     data.meta_info["micro_batch_size"] = 8
-    actor, scheduler, manager = build()
+    return build, data
+
+
+def check_checkpoint(tp: int, pp: int, out_dir: str) -> None:
+    """Megatron dist checkpoint: save after two updates, take a third; a fresh model and optimizer (a new process
+    resuming) load the checkpoint, get the saved weights, lr step and Adam state back, and replay the third update
+    exactly (Adam's step counter included: a restarted bias correction would move the weights differently)."""
+    build, data = _checkpointed_actors(tp, pp)
+    contents = ["model", "optimizer", "extra", "hf_model"]
+    actor, scheduler, manager = build(contents)
     for _ in range(2):
         actor.update_policy(data)
         scheduler.step()
@@ -264,7 +273,7 @@ def check_checkpoint(tp: int, pp: int, out_dir: str) -> None:
     next_lp, _ = actor.compute_log_prob(data)
     assert not torch.allclose(next_lp, saved_lp)
 
-    resumed, resumed_scheduler, resumed_manager = build()
+    resumed, resumed_scheduler, resumed_manager = build(contents)
     resumed_manager.load_checkpoint(ckpt)
     assert resumed_scheduler.last_step == 2
     restored_lp, _ = resumed.compute_log_prob(data)
@@ -284,6 +293,38 @@ def check_checkpoint(tp: int, pp: int, out_dir: str) -> None:
             lp_hf = _hf_log_probs(hf, data)
         mask = data.batch["response_mask"].bool()
         assert (lp_hf - saved_lp)[mask].abs().max() < 2e-4
+
+
+def check_reshard_save(tp: int, pp: int, out_dir: str) -> None:
+    """First half of a resume with other TP / PP sizes: train, save, and keep the saved policy's log-probs."""
+    build, data = _checkpointed_actors(tp, pp)
+    actor, _, manager = build(["model", "optimizer", "extra"])
+    actor.update_policy(data)
+    manager.save_checkpoint(os.path.join(out_dir, "global_step_1", "actor"), global_step=1)
+    log_probs, _ = actor.compute_log_prob(data)
+    if dist.get_rank() == 0:
+        torch.save(log_probs, os.path.join(out_dir, "saved_log_probs.pt"))
+
+
+def check_reshard_load(tp: int, pp: int, out_dir: str) -> None:
+    """Second half, with other sizes: the optimizer state cannot follow (a clear error naming the fix), the weights
+    alone can (``load_contents=[model]``) and give the saved policy back; training goes on from there."""
+    ckpt = os.path.join(out_dir, "global_step_1", "actor")
+    build, data = _checkpointed_actors(tp, pp)
+    _, _, manager = build(["model", "optimizer"])
+    try:
+        manager.load_checkpoint(ckpt)
+    except ValueError as exc:
+        assert "checkpoint.load_contents=[model]" in str(exc) and "parallel sizes" in str(exc), exc
+    else:
+        raise AssertionError("loading the optimizer state into other TP / PP sizes must fail with a clear error")
+    actor, _, weights_only = build(["model", "optimizer"], load_contents=["model"])
+    weights_only.load_checkpoint(ckpt)
+    saved = torch.load(os.path.join(out_dir, "saved_log_probs.pt"))
+    restored, _ = actor.compute_log_prob(data)
+    assert (restored - saved).abs().max() < 1e-5, (restored - saved).abs().max()
+    actor.update_policy(data)
+    assert torch.isfinite(actor.compute_log_prob(data)[0]).all()
 
 
 class _MockVLLMRollout:
@@ -415,6 +456,10 @@ def main() -> None:
         check_weights(tp, pp)
     elif check == "checkpoint":
         check_checkpoint(tp, pp, out_dir)
+    elif check == "reshard_save":
+        check_reshard_save(tp, pp, out_dir)
+    elif check == "reshard_load":
+        check_reshard_load(tp, pp, out_dir)
     elif check == "engine_mock":
         check_engine_mock(tp, pp)
     else:

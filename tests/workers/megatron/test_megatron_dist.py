@@ -80,3 +80,9 @@ def test_vllm_and_sglang_hybrid_engines_stream_into_mock_engines_with_pp(tmp_pat
 def test_dist_checkpoint_resume_replays_the_next_update(tp, pp, tmp_path):
     """dp2 shards the distributed optimizer's state over the two ranks."""
     _run("checkpoint", tp, pp, tmp_path)
+
+
+def test_dist_checkpoint_from_pp2_resumes_its_weights_with_tp2(tmp_path):
+    """Saved with PP=2, resumed with TP=2: the weights re-shard; the optimizer state cannot, and says so."""
+    _run("reshard_save", 1, 2, tmp_path)
+    _run("reshard_load", 2, 1, tmp_path)

@@ -9,7 +9,10 @@ manager's::
     huggingface/                    config, tokenizer and (with ``hf_model`` in save_contents) model.safetensors
     megatron_checkpoint.json        sizes and contents
 
-Dist checkpoints are sharding-agnostic: a run may resume with other TP / PP / DP sizes (megatron re-shards on load).
+The model part of a dist checkpoint is sharding-agnostic: it loads with other TP / PP / DP sizes (megatron re-shards
+on load). The distributed optimizer is saved in megatron's ``dp_reshardable`` format, the one of megatron-core 0.16
+that loads into a torch Adam here: it re-shards over data-parallel ranks only, so resuming the optimizer needs the
+tensor / pipeline sizes of the save (checked, with an error that says how to resume the weights alone).
 
 The optimizer's step counter is kept here, next to megatron's state: the ``dp_reshardable`` format treats torch
 Adam's per-parameter ``step`` as a local, non-persistent object, so on load it would keep whatever the live optimizer
@@ -206,6 +209,26 @@ class MegatronCheckpointManager(BaseCheckpointManager):
         return state if self.rank == 0 else None
 
     # ------------------------------------------------------------------------------------------------ load -----
+    def _check_optimizer_layout(self, local_path: str) -> None:
+        """The optimizer state loads only into the tensor / pipeline layout that saved it (see the module docstring);
+        say so plainly instead of megatron's shape-mismatch error deep in the loader."""
+        meta_path = os.path.join(local_path, META_FILE)
+        if self.converter is None or not os.path.isfile(meta_path):
+            return
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        lay = self.converter.layout
+        keys = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size")
+        saved = tuple(meta.get(k) for k in keys)
+        if saved[0] is None or saved == (lay.tp_size, lay.pp_size, lay.vpp_size):
+            return
+        raise ValueError(
+            f"checkpoint {local_path!r} was written with (tensor, pipeline, virtual pipeline) parallel sizes {saved}, "
+            f"this run has {(lay.tp_size, lay.pp_size, lay.vpp_size)}: the distributed optimizer's state loads only "
+            "with the sizes of the save (the data-parallel size may differ). Resume with those sizes, or resume the "
+            "weights alone with a fresh optimizer: checkpoint.load_contents=[model] for this role "
+            "(actor_rollout_ref.actor.checkpoint.load_contents / critic.checkpoint.load_contents)")
+
     def load_checkpoint(self,
                         local_path: Optional[str],
                         hdfs_path: Optional[str] = None,
@@ -228,6 +251,8 @@ class MegatronCheckpointManager(BaseCheckpointManager):
                     raise FileNotFoundError(f"{ckpt_dir!r} is missing: {local_path!r} is not a Megatron checkpoint of "
                                             "this backend (strategy=megatron)")
                 with_optim = self.should_load_optimizer and self.optimizer is not None
+                if with_optim:
+                    self._check_optimizer_layout(local_path)
                 sharded = self._sharded_state_dict(True, with_optim, True)
                 state = dist_checkpointing.load(sharded, ckpt_dir)
                 if self.should_load_model:
