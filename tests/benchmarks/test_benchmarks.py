@@ -208,3 +208,19 @@ def test_components_gpu_parts_run_or_skip_with_reason(runs):
     assert payload["device_rates"] is None
     assert set(payload["skipped"]) == {"device_rates", "decode_roof", "update_mfu_vs_bf16_matmul"}
     assert "skipped (no CUDA device" in stdout
+
+
+# logprob_head.py (no Ray, no TRL: its own processes)
+
+
+def test_logprob_head_runs_every_mode(tmp_path, capsys):
+    import logprob_head
+
+    out = tmp_path / "head.json"
+    payload = logprob_head.main(
+        ["--rows", "8", "--vocab", "64", "--repeats", "1", "--device", "cpu", "--out",
+         str(out)])
+    assert json.loads(out.read_text())["results"] == payload["results"]
+    assert set(payload["results"]) == {"log-probs", "metrics entropy", "entropy loss"}
+    assert all(r["peak_gb"] >= 0 and r["s"] > 0 for r in payload["results"].values())
+    assert "### Log-prob head" in capsys.readouterr().out

@@ -118,6 +118,23 @@ def test_logprobs_and_entropy_helper():
     torch.testing.assert_close(ent2, ent)
 
 
+def test_logprobs_with_metrics_only_entropy_in_a_training_forward():
+    """entropy_grad=False under autograd (the update's path when entropy_coeff=0): the same values, the same
+    log-prob gradient, and an entropy without a graph, computed in chunks apart from the log-probs."""
+    logits = torch.randn(9, 13, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 13, (9,))
+    lp, ent = logprobs_and_entropy_from_logits(logits, labels, calculate_entropy=True, entropy_grad=False, chunk_rows=4)
+    assert lp.requires_grad and not ent.requires_grad
+    (grad,) = torch.autograd.grad(lp.sum(), logits)
+    ref = torch.log_softmax(logits.detach().float(), -1)
+    torch.testing.assert_close(lp.detach(), ref.gather(-1, labels[:, None]).squeeze(-1))
+    torch.testing.assert_close(ent, -(ref.exp() * ref).sum(-1))
+    joint = logits.detach().clone().requires_grad_()
+    lp_joint, _ = logprobs_and_entropy_from_logits(joint, labels, calculate_entropy=True, entropy_grad=True)
+    (grad_joint,) = torch.autograd.grad(lp_joint.sum(), joint)
+    torch.testing.assert_close(grad, grad_joint)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_compute_log_prob_matches_hf_on_every_path(temperature):
     model = _model()

@@ -47,12 +47,19 @@ def logprobs_and_entropy_from_logits(logits: torch.Tensor,
     :func:`verl.utils.torch_functional.logprobs_from_logits`. With entropy, ``log p = z - logsumexp(z)`` and
     ``H = logsumexp(z) - sum(softmax(z) * z)`` come from the same logsumexp, so the full-vocabulary softmax is formed
     once. Without autograd the rows are processed in chunks (``chunk_rows``, default ~64M logits per chunk) to bound
-    the float32 copy. ``entropy_grad=False`` computes the entropy for metrics only, without keeping its backward.
+    the float32 copy. ``entropy_grad=False`` computes the entropy for metrics only, without keeping its backward: in
+    a training forward it is then taken in chunks under ``no_grad``, apart from the log-probs, so that the softmax and
+    its product with the logits never exist for the whole micro-batch at once (two float32 copies of the logits less
+    at the update's peak).
     """
     if not calculate_entropy:
         return verl_F.logprobs_from_logits(logits, labels), None
     if logits.dim() != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(f"logits {tuple(logits.shape)} must be (N, vocab) and labels {tuple(labels.shape)} (N,)")
+    if torch.is_grad_enabled() and not entropy_grad:
+        log_probs = verl_F.logprobs_from_logits(logits, labels, chunk_size=chunk_rows)
+        with torch.no_grad():
+            return log_probs, verl_F.entropy_from_logits(logits.detach(), chunk_size=chunk_rows)
     rows = logits.shape[0]
     if rows == 0:
         empty = logits.new_zeros((0,), dtype=torch.float32)
