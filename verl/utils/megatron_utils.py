@@ -605,16 +605,33 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
+@torch.no_grad()
+def _sum_exp_times_logits_in_chunks(exp: torch.Tensor, z: torch.Tensor, elements: int = 1 << 26) -> torch.Tensor:
+    """``sum(exp * z, -1)`` (``-inf`` logits counted as 0) over chunks of about ``elements`` values, so that the
+    product never exists for all rows at once."""
+    part = z.shape[-1]
+    flat_exp, flat_z = exp.reshape(-1, part), z.reshape(-1, part)
+    step = max(1, elements // part)
+    pieces = []
+    for start in range(0, flat_z.shape[0], step):
+        chunk = flat_z[start:start + step]
+        pieces.append((flat_exp[start:start + step] * chunk.masked_fill(torch.isinf(chunk), 0.0)).sum(dim=-1))
+    return torch.cat(pieces).view(z.shape[:-1])
+
+
 def vocab_parallel_log_probs(logits: torch.Tensor,
                              labels: torch.Tensor,
                              vocab_size: int,
                              calculate_entropy: bool = False,
                              tp_group: Any = None,
                              tp_rank: int = 0,
-                             tp_size: int = 1) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                             tp_size: int = 1,
+                             entropy_grad: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Log-prob of ``labels`` and the entropy from logits whose last dim is this TP rank's slice of the (padded)
     vocabulary. Rows of the padding vocabulary (ids >= ``vocab_size``) are excluded. Float32 results of shape
-    ``labels.shape``; differentiable (each TP rank gets the gradient of its own slice)."""
+    ``labels.shape``; differentiable (each TP rank gets the gradient of its own slice). ``entropy_grad=False``: the
+    entropy is for metrics only, without a graph, and its ``sum(p * z)`` is taken in chunks of rows so that no
+    extra full-size product of the logits is formed."""
     z = logits.float()
     part = z.shape[-1]
     start = tp_rank * part
@@ -638,10 +655,15 @@ def vocab_parallel_log_probs(logits: torch.Tensor,
     log_probs = picked - lse
     entropy = None
     if calculate_entropy:
-        pz = (exp * z.masked_fill(torch.isinf(z), 0.0)).sum(dim=-1)
+        if entropy_grad:
+            pz = (exp * z.masked_fill(torch.isinf(z), 0.0)).sum(dim=-1)
+        else:
+            pz = _sum_exp_times_logits_in_chunks(exp.detach(), z.detach())
         if tp_size > 1:
             pz = _AllReduceSum.apply(pz, tp_group)
         entropy = lse - pz / sum_exp
+        if not entropy_grad:
+            entropy = entropy.detach()
     return log_probs, entropy
 
 

@@ -34,6 +34,26 @@ def test_vocab_parallel_log_probs_match_log_softmax_and_ignore_padding_vocab():
     assert logits.grad[..., 10:].abs().sum() == 0
 
 
+def test_vocab_parallel_metrics_only_entropy_is_the_same_without_a_graph(monkeypatch):
+    """entropy_grad=False (the update with entropy_coeff=0): same log-probs, log-prob gradient and entropy values;
+    the entropy carries no graph (its sum(p * z) is taken in chunks, here 3 rows at a time)."""
+    import verl.utils.megatron_utils as mu
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 4, 12, generator=g, requires_grad=True)
+    labels = torch.randint(0, 10, (2, 4), generator=g)
+    lp, ent = vocab_parallel_log_probs(logits, labels, vocab_size=10, calculate_entropy=True)
+    (grad,) = torch.autograd.grad(lp.sum(), logits)
+    original = mu._sum_exp_times_logits_in_chunks
+    monkeypatch.setattr(mu, "_sum_exp_times_logits_in_chunks", lambda e, z: original(e, z, elements=3 * 12))
+    lp2, ent2 = vocab_parallel_log_probs(logits, labels, vocab_size=10, calculate_entropy=True, entropy_grad=False)
+    assert not ent2.requires_grad and lp2.requires_grad
+    (grad2,) = torch.autograd.grad(lp2.sum(), logits)
+    torch.testing.assert_close(lp2, lp)
+    torch.testing.assert_close(ent2, ent.detach())
+    torch.testing.assert_close(grad2, grad)
+
+
 class _FakeMegatronOptimizer:
     """Megatron optimizers are not torch Optimizers but expose param_groups."""
 

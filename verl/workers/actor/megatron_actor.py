@@ -102,9 +102,14 @@ class MegatronPPOActor(BasePPOActor):
 
         return DPInfo(mpu.get_data_parallel_world_size(), mpu.get_data_parallel_group())
 
-    def _log_probs(self, logits: torch.Tensor, mb: Any, temperature: float,
-                   calculate_entropy: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Log-probs (and entropy) ``(b, response_length)`` of ``responses`` from the last stage's logits."""
+    def _log_probs(self,
+                   logits: torch.Tensor,
+                   mb: Any,
+                   temperature: float,
+                   calculate_entropy: bool,
+                   entropy_grad: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Log-probs (and entropy) ``(b, response_length)`` of ``responses`` from the last stage's logits
+        (``entropy_grad=False``: the entropy for metrics only, see :func:`vocab_parallel_log_probs`)."""
         from megatron.core import parallel_state as mpu
 
         responses = mb["responses"]
@@ -118,7 +123,8 @@ class MegatronPPOActor(BasePPOActor):
                                         calculate_entropy=calculate_entropy,
                                         tp_group=mpu.get_tensor_model_parallel_group(),
                                         tp_rank=mpu.get_tensor_model_parallel_rank(),
-                                        tp_size=mpu.get_tensor_model_parallel_world_size())
+                                        tp_size=mpu.get_tensor_model_parallel_world_size(),
+                                        entropy_grad=entropy_grad)
 
     def _train(self, mode: bool) -> None:
         for chunk in self.actor_module:
@@ -194,9 +200,11 @@ class MegatronPPOActor(BasePPOActor):
                 n_micro = len(micro_batches)
 
                 def loss_fn(logits: torch.Tensor, mb: Any) -> tuple:
-                    log_prob, entropy = self._log_probs(logits, mb, temperature, True)
-                    if policy_loss.entropy_coeff == 0:
-                        entropy = entropy.detach()
+                    log_prob, entropy = self._log_probs(logits,
+                                                        mb,
+                                                        temperature,
+                                                        True,
+                                                        entropy_grad=policy_loss.entropy_coeff != 0)
                     loss, out = policy_loss(log_prob, entropy, mb, on_policy)
                     weight = micro_batch_weight(mb["response_mask"], schedule.loss_agg_mode, global_units, dp)
                     # megatron divides by the number of micro-batches; DDP averages over DP ranks
