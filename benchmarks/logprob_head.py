@@ -75,8 +75,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
             return torch.cuda.max_memory_allocated()
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
-    warm = logits[:2].detach().clone().requires_grad_(
-    )  # first-call allocations (kernels, thread pools) before the base
+    # first-call allocations (kernels, thread pools) happen before the base is taken
+    warm = logits[:2].detach().clone().requires_grad_()
     logprobs_and_entropy_from_logits(warm, labels[:2], **mode)[0].sum().backward()
     if device == "cuda":
         torch.cuda.synchronize()

@@ -606,12 +606,14 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 @torch.no_grad()
-def _sum_exp_times_logits_in_chunks(exp: torch.Tensor, z: torch.Tensor, elements: int = 1 << 26) -> torch.Tensor:
-    """``sum(exp * z, -1)`` (``-inf`` logits counted as 0) over chunks of about ``elements`` values, so that the
-    product never exists for all rows at once."""
+def _sum_exp_times_logits_in_chunks(exp: torch.Tensor, z: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
+    """``sum(exp * z, -1)`` (``-inf`` logits counted as 0) over chunks of rows (the row count of
+    :mod:`verl.utils.torch_functional`'s chunked log-probs), so that the product never exists for all rows at once."""
+    from verl.utils.torch_functional import _rows_per_chunk
+
     part = z.shape[-1]
     flat_exp, flat_z = exp.reshape(-1, part), z.reshape(-1, part)
-    step = max(1, elements // part)
+    step = _rows_per_chunk(part, chunk_rows)
     pieces = []
     for start in range(0, flat_z.shape[0], step):
         chunk = flat_z[start:start + step]

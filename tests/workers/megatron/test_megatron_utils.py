@@ -45,7 +45,7 @@ def test_vocab_parallel_metrics_only_entropy_is_the_same_without_a_graph(monkeyp
     lp, ent = vocab_parallel_log_probs(logits, labels, vocab_size=10, calculate_entropy=True)
     (grad,) = torch.autograd.grad(lp.sum(), logits)
     original = mu._sum_exp_times_logits_in_chunks
-    monkeypatch.setattr(mu, "_sum_exp_times_logits_in_chunks", lambda e, z: original(e, z, elements=3 * 12))
+    monkeypatch.setattr(mu, "_sum_exp_times_logits_in_chunks", lambda e, z: original(e, z, chunk_rows=3))
     lp2, ent2 = vocab_parallel_log_probs(logits, labels, vocab_size=10, calculate_entropy=True, entropy_grad=False)
     assert not ent2.requires_grad and lp2.requires_grad
     (grad2,) = torch.autograd.grad(lp2.sum(), logits)
