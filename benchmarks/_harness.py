@@ -99,6 +99,7 @@ class Workload:
     threads: int = 1  # torch / OpenMP threads per process on CPU (Ray gives its workers 1)
     train_rows: int = 1024  # arithmetic problems written for training
     ours_overrides: list[str] = field(default_factory=list)
+    ours_config: str = "ppo_trainer"  # ours' Hydra config: ppo_trainer (FSDP) or ppo_megatron_trainer (Megatron-core)
     trl_dtype: str = "float32"  # TRL's stored weights: float32 (+ bf16 autocast on GPU, like ours) or bfloat16
     temperature: float = 1.0  # sampling temperature of both rollouts (the losses divide the logits by it too)
 
@@ -637,7 +638,7 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     os.environ["VERL_FILE_LOGGER_PATH"] = metrics_path  # inherited by a local Ray started below
     config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
     with initialize_config_dir(config_dir=config_dir, version_base=None):
-        config = compose(config_name="ppo_trainer", overrides=ours_overrides(spec))
+        config = compose(config_name=spec.get("ours_config", "ppo_trainer"), overrides=ours_overrides(spec))
     # a Ray cluster joined through $RAY_ADDRESS does not inherit this process's environment: pass it explicitly
     runtime_env = get_ppo_ray_runtime_env(spec["device"])
     runtime_env["env_vars"]["VERL_FILE_LOGGER_PATH"] = metrics_path
@@ -666,6 +667,7 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
             evals[str(step)] = _evaluate_dir(hf_dir, spec["model_path"], test_rows, spec)
     return {
         "lib": "ours",
+        "actor_strategy": str(config.actor_rollout_ref.actor.strategy),
         "steps": steps,
         "peak_memory_gb": max(memory) if memory else None,
         "memory_kind":
@@ -990,7 +992,13 @@ def add_workload_args(parser: argparse.ArgumentParser, presets: Sequence[str], l
                         action="append",
                         default=[],
                         metavar="KEY=VALUE",
-                        help="extra ppo_trainer.yaml override for this library's runs (repeatable)")
+                        help="extra override of this library's config for its runs (repeatable)")
+    parser.add_argument(
+        "--ours-config",
+        choices=["ppo_trainer", "ppo_megatron_trainer"],
+        default=None,
+        help="this library's config: ppo_trainer (FSDP, default) or ppo_megatron_trainer (Megatron-core; "
+        "parallel sizes through --ours-override actor_rollout_ref.actor.megatron.*)")
     parser.add_argument("--work-dir", default=None, help="where run logs and checkpoints go (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -1000,7 +1008,7 @@ def workload_from_args(args: argparse.Namespace, presets: dict[str, Workload]) -
     w = presets[args.size]
     changes = {}
     for name in ("model", "batch", "n", "prompt_length", "response_length", "micro_batch", "lr", "steps", "seed",
-                 "threads", "warmup", "repeats", "trl_dtype", "temperature"):
+                 "threads", "warmup", "repeats", "trl_dtype", "temperature", "ours_config"):
         value = getattr(args, name, None)
         if value is not None:
             changes[name] = value

@@ -88,7 +88,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         f"model: {model_desc} ({params / 1e6:.1f}M parameters) at {model_path}\ndevice: {device}; work dir: "
         f"{work_dir}\nworkload: {workload.batch} prompts x n={workload.n} = {workload.rows} samples of "
         f"{workload.response_length} tokens per step, micro-batch {workload.micro_batch}, {workload.steps} steps "
-        f"per run ({workload.warmup} warm-up), {workload.repeats} runs per library, alternating",
+        f"per run ({workload.warmup} warm-up), {workload.repeats} runs per library, alternating\nours: "
+        f"{workload.ours_config} {' '.join(workload.ours_overrides)}",
         flush=True)
     files = h.task_files(work_dir, workload.train_rows)
     results: dict[str, list[dict[str, Any]]] = {lib: [] for lib in libs}

@@ -8,6 +8,7 @@ not importable the TRL-half tests are skipped with the reason, and the scripts m
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -32,11 +33,19 @@ needs_trl = pytest.mark.skipif(TRL_MISSING is not None, reason=f"TRL half skippe
 # the smallest workload: 2 prompts x 2 samples x 8 tokens, 2 steps (the first is the warm-up), 1 repeat
 SMALL = ["--size", "tiny", "--batch", "2", "--n", "2", "--response-length", "8", "--micro-batch", "4", "--steps", "2"]
 ROWS, RESPONSE = 4, 8
+MEGATRON_MISSING = importlib.util.find_spec("megatron.core") is None
+# run name -> (script, arguments)
 SCRIPTS = {
-    "grpo_step": SMALL + ["--repeats", "1", "--warmup", "1"],
-    "learning": SMALL[2:] + ["--model", "tiny", "--eval-every", "2", "--eval-rows", "4", "--temperature", "0.7"],
-    "components": SMALL + ["--scales", "1", "--warmup", "1"],
+    "grpo_step": ("grpo_step", SMALL + ["--repeats", "1", "--warmup", "1"]),
+    "learning":
+        ("learning", SMALL[2:] + ["--model", "tiny", "--eval-every", "2", "--eval-rows", "4", "--temperature", "0.7"]),
+    "components": ("components", SMALL + ["--scales", "1", "--warmup", "1"]),
 }
+if not MEGATRON_MISSING:  # this library's half on the Megatron-core actor
+    SCRIPTS["grpo_step_megatron"] = ("grpo_step", SMALL + [
+        "--repeats", "1", "--warmup", "1", "--libs", "ours", "--ours-config", "ppo_megatron_trainer", "--ours-override",
+        "actor_rollout_ref.actor.megatron.sequence_parallel=False"
+    ])
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +56,11 @@ def runs(tmp_path_factory):
     try:
         env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, PYTHONUNBUFFERED="1")
         procs = {}
-        for name, args in SCRIPTS.items():
+        for name, (script, args) in SCRIPTS.items():
             out = root / f"{name}.json"
             cmd = [
                 sys.executable,
-                os.path.join(BENCH, f"{name}.py"), *args, "--out",
+                os.path.join(BENCH, f"{script}.py"), *args, "--out",
                 str(out), "--work-dir",
                 str(root / name)
             ]
@@ -131,6 +140,17 @@ def test_grpo_step_trl_half_and_ratios(runs):
     assert math.isclose(summary["gap_s"]["total"], ours["step_s"] - trl["step_s"])
     assert "TRL, per phase" in stdout and "largest gap:" in stdout
     assert payload["skipped"] == {}
+
+
+@pytest.mark.skipif(MEGATRON_MISSING, reason="megatron-core is not installed (pip install megatron-core==0.16.1)")
+def test_grpo_step_ours_half_on_megatron(runs):
+    run = _ok(runs, "grpo_step_megatron")
+    payload, stdout = run["json"], run["stdout"]
+    assert payload["workload"]["ours_config"] == "ppo_megatron_trainer"
+    assert "ours: ppo_megatron_trainer" in stdout
+    assert payload["runs"]["ours"][0]["actor_strategy"] == "megatron"
+    _check_step_summary(payload["summary"]["ours"], steps_timed=1)
+    assert "trl" not in payload["runs"] or not payload["runs"]["trl"]
 
 
 def test_grpo_step_says_when_trl_is_skipped(runs):

@@ -249,19 +249,24 @@ def _transformer_config(hf_config: Any, megatron_cfg: Any, dtype: torch.dtype) -
         kwargs["gradient_accumulation_fusion"] = False
     else:
         kwargs.setdefault("gradient_accumulation_fusion", False)  # needs apex' fused kernels
+        if kwargs.get("masked_softmax_fusion") and not _module_available("scaled_masked_softmax_cuda"):
+            # megatron's fused softmax imports this compiled extension (built with Apex / Megatron's kernels) for
+            # bf16/fp16 attention; without it the unfused softmax gives the same values
+            kwargs["masked_softmax_fusion"] = False
     return make_transformer_config(kwargs)
 
 
-def _fused_norm_available() -> bool:
+def _module_available(name: str) -> bool:
     import importlib.util
 
-    for name in ("transformer_engine", "apex"):
-        try:
-            if importlib.util.find_spec(name) is not None:
-                return True
-        except (ImportError, ValueError):
-            pass
-    return False
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _fused_norm_available() -> bool:
+    return _module_available("transformer_engine") or _module_available("apex")
 
 
 def unwrap_model(chunk: torch.nn.Module) -> torch.nn.Module:

@@ -92,14 +92,17 @@ def _setup(tp: int, pp: int, **extra):
 
 
 def check_actor(tp: int, pp: int) -> None:
-    """Log-probs equal the HF model's; one PPO update changes them and matches an HF update's log-probs."""
+    """Log-probs equal the HF model's; one PPO update changes them and matches an HF update's log-probs; the hybrid
+    engine then streams the trained weights into an HF rollout model whose log-probs equal the actor's. Prints the
+    measured differences (``[check_actor] ...``) for the record."""
     from transformers import AutoModelForCausalLM
 
     from verl.utils.megatron_utils import build_megatron_model, build_megatron_optimizer
     from verl.workers.actor.megatron_actor import MegatronPPOActor
+    from verl.workers.sharding_manager.megatron_hf import MegatronHFShardingManager
 
     path, hf_config, mcfg, info = _setup(tp, pp)
-    chunks, tf_config, _ = build_megatron_model(hf_config, mcfg, path)
+    chunks, tf_config, converter = build_megatron_model(hf_config, mcfg, path)
     optim = {"lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999]}
     optimizer = build_megatron_optimizer(chunks, optim, mcfg, grad_clip=1e9)
     actor_cfg = OmegaConf.create({
@@ -124,6 +127,7 @@ def check_actor(tp: int, pp: int) -> None:
         ref = _hf_log_probs(hf, data)
     mask = data.batch["response_mask"].bool()
     err = (lp - ref)[mask].abs().max().item()
+    _report("log-prob max |megatron - HF|", err, tp, pp)
     assert err < 2e-4, f"megatron vs HF log-probs differ by {err}"
     assert ent is not None and torch.isfinite(ent).all() and (ent[mask] > 0).all()
 
@@ -157,7 +161,22 @@ def check_actor(tp: int, pp: int) -> None:
     moved = (lp_after - lp)[mask].abs().max().item()
     assert moved > 1e-4, "the update did not change the policy"
     err = (lp_after - hf_after)[mask].abs().max().item()
+    _report(f"after one update (moved {moved:.3g}): log-prob max |megatron - HF AdamW|", err, tp, pp)
     assert err < 5e-3 * max(1.0, moved), f"after one step megatron vs HF differ by {err} (moved {moved})"
+
+    # the trained weights, resharded into a rollout model, give the actor's log-probs
+    rollout = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).to(get_device())
+    with MegatronHFShardingManager(chunks, converter, inference_module=rollout):
+        with torch.no_grad():
+            synced = _hf_log_probs(rollout, data.to(get_device())).cpu()
+    err = (lp_after - synced)[mask].abs().max().item()
+    _report("after the update: log-prob max |megatron actor - synced HF rollout|", err, tp, pp)
+    assert err < 2e-4, f"the rollout's log-probs differ from the trained actor's by {err}"
+
+
+def _report(what: str, value: float, tp: int, pp: int) -> None:
+    if dist.get_rank() == 0:
+        print(f"[check_actor] tp={tp} pp={pp} world={dist.get_world_size()} {what}: {value:.3g}", flush=True)
 
 
 def check_critic(tp: int, pp: int) -> None:

@@ -121,3 +121,24 @@ def test_device_scope_redirects_cuda_placement_on_cpu():
         assert t.device.type == "cpu" and t.type() == "torch.cuda.FloatTensor" and t.cuda() is t
         assert torch.cuda.current_device() == "cpu"
     assert torch.zeros(1).type() == "torch.FloatTensor"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("megatron.core") is None, reason="megatron-core is not installed")
+def test_bf16_config_on_cuda_without_the_fused_softmax_kernel_uses_the_unfused_softmax_mocked_cuda(monkeypatch):
+    """megatron's fused masked softmax imports the compiled ``scaled_masked_softmax_cuda`` (Apex / Megatron kernels)
+    for bf16 attention: without it a bf16 run on a GPU crashed in its first forward. CUDA is mocked here (this machine
+    has none); the real bf16 GPU run is in docs/megatron.md."""
+    from transformers import AutoConfig
+
+    from verl.models.tiny import get_tiny_model_path
+    from verl.utils import megatron_utils
+
+    monkeypatch.setattr(megatron_utils, "is_cuda_available", lambda: True)
+    hf_config = AutoConfig.from_pretrained(get_tiny_model_path())
+    cfg = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "sequence_parallel": False}
+    kernel = importlib.util.find_spec("scaled_masked_softmax_cuda") is not None
+    tf_config = megatron_utils._transformer_config(hf_config, cfg, torch.bfloat16)
+    assert tf_config.masked_softmax_fusion is kernel
+    assert tf_config.bias_activation_fusion  # a torch-jit fusion: kept on CUDA
+    monkeypatch.setattr(megatron_utils, "is_cuda_available", lambda: False)
+    assert not megatron_utils._transformer_config(hf_config, cfg, torch.bfloat16).masked_softmax_fusion
