@@ -83,6 +83,13 @@ def _fsdp_worker(rank, port):
         partial = {k: v for k, v in tied_ref.state_dict().items() if k != "lm_head.weight"}
         fsdp2_load_full_state_dict(tied, partial if rank == 0 else None)
         torch.testing.assert_close(tied(ids).logits, tied_ref(ids).logits, atol=1e-5, rtol=1e-5)
+        # the rollout sync sends the tied embedding once (engines tie lm_head themselves)
+        tied_sent = dict(
+            b for bucket in iter_full_params_in_buckets(tied, bucket_bytes=20_000, skip_tied=True) for b in bucket)
+        assert set(tied_sent) == set(partial), sorted(set(tied_sent) ^ set(partial))
+        for name, tensor in tied_sent.items():
+            assert torch.equal(tensor, partial[name]), name
+        assert "lm_head.weight" in [n for bucket in iter_full_params_in_buckets(tied) for n, _ in bucket]
         bad = dict(full_sd, **{"model.norm.weight": torch.ones(3)})
         with pytest.raises(ValueError, match="does not fit"):
             fsdp2_load_full_state_dict(apply_fsdp2(AutoModelForCausalLM.from_config(_config()), mesh),

@@ -316,20 +316,26 @@ def iter_full_params_in_buckets(module: nn.Module,
                                 bucket_bytes: int = 512 << 20,
                                 device: str | torch.device | None = None,
                                 dtype: torch.dtype | None = None,
-                                to_cpu: bool = False) -> Iterator[list[tuple[str, torch.Tensor]]]:
+                                to_cpu: bool = False,
+                                skip_tied: bool = False) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Yield the module's full (unsharded) state, parameter by parameter, in lists of ``(name, tensor)`` of about
     ``bucket_bytes`` each (a tensor larger than the budget is a bucket of its own).
 
     Every rank of the mesh must iterate to the end together: each DTensor's gathering is a collective. Peak extra
     memory is one bucket. Names are the HF names (FSDP2 keeps them). ``dtype`` casts floating tensors (e.g. bf16 for
-    a rollout engine); ``to_cpu`` moves gathered tensors to host memory.
+    a rollout engine); ``to_cpu`` moves gathered tensors to host memory. ``skip_tied`` yields a tensor shared under
+    several names (tied embeddings: ``lm_head.weight`` is ``model.embed_tokens.weight``) once, under its first name:
+    rollout engines tie it themselves, and sending it twice moved ~27% more bytes per sync for Qwen2.5-0.5B.
     """
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
     gather_device = torch.device(device) if device is not None else _accelerator_device()
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0
+    skipped = _tied_duplicate_names(module) if skip_tied else set()
     for name, value in module.state_dict().items():
+        if name in skipped:
+            continue
         tensor = _full_tensor(value, gather_device).detach()
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
@@ -343,6 +349,19 @@ def iter_full_params_in_buckets(module: nn.Module,
         size += nbytes
     if bucket:
         yield bucket
+
+
+def _tied_duplicate_names(module: nn.Module) -> set[str]:
+    """Names of parameters that are the same parameter as an earlier name (tied weights), decided from the module's
+    structure, so every rank skips the same names (their gathers are collectives)."""
+    first: dict[int, str] = {}
+    duplicates: set[str] = set()
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            duplicates.add(name)
+        else:
+            first[id(param)] = name
+    return duplicates
 
 
 def get_full_state_dict(module: nn.Module,

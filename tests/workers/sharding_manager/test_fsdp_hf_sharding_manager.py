@@ -67,7 +67,9 @@ def _greedy(module):
 
 
 def _state_bytes(module):
-    return sum(v.numel() * v.element_size() for v in module.state_dict().values())
+    """Bytes of the module's state, a tied tensor once (the sync sends it once)."""
+    unique = {v.data_ptr(): v for v in module.state_dict().values()}
+    return sum(v.numel() * v.element_size() for v in unique.values())
 
 
 def _check_sync(manager, rollout, full_state, expected_bytes):
@@ -119,6 +121,9 @@ def test_plain_module_sync(tie):
         assert torch.equal(_greedy(rollout), expected)
         if tie:
             assert rollout.lm_head.weight.data_ptr() == rollout.model.embed_tokens.weight.data_ptr()
+            embedding = actor.model.embed_tokens.weight
+            everything = sum(v.numel() * v.element_size() for v in actor.state_dict().values())
+            assert _state_bytes(actor) == everything - embedding.numel() * embedding.element_size()
     assert actor.training  # the actor's mode is restored on exit
 
     # a later step: new actor weights reach the rollout model on the next entry

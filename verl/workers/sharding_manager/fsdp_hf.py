@@ -145,7 +145,8 @@ class FSDPHFShardingManager(BaseShardingManager):
         mismatched: list[tuple[str, tuple, tuple]] = []
         for bucket in iter_full_params_in_buckets(self.module,
                                                   bucket_bytes=self.bucket_bytes,
-                                                  dtype=self._rollout_dtype()):
+                                                  dtype=self._rollout_dtype(),
+                                                  skip_tied=True):
             size = 0
             for name, tensor in bucket:
                 size += tensor.numel() * tensor.element_size()
@@ -194,7 +195,8 @@ class FSDPWeightSource:
 
         for bucket in iter_full_params_in_buckets(self.module,
                                                   bucket_bytes=self.bucket_bytes,
-                                                  dtype=self._engine_dtype()):
+                                                  dtype=self._engine_dtype(),
+                                                  skip_tied=True):
             yield [(_clean_name(name), tensor) for name, tensor in bucket]
             del bucket
 
