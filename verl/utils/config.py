@@ -293,10 +293,28 @@ def _lazy_registry_check(module: str, getter: str, key: str, name: Any) -> None:
         raise ConfigError(f"{key}: {msg}. Fix: set {key} to a registered name") from exc
 
 
+#: Megatron parallel sizes this backend refuses above 1: why, and what to use instead
+_MEGATRON_UNSUPPORTED = {
+    "context_parallel_size":
+        ("megatron-core's context parallelism needs Transformer Engine's attention, which this backend does not use",
+         "set it to 1; for long sequences use the FSDP actor with "
+         "actor_rollout_ref.actor.ulysses_sequence_parallel_size and actor_rollout_ref.model.use_remove_padding=True"),
+    "expert_model_parallel_size": ("MoE weights are not converted to Megatron yet (dense models only)",
+                                   "set it to 1; train MoE models with the FSDP actor (strategy=fsdp)"),
+}
+
+
+def _check_megatron_unsupported(config: Any, section: str) -> None:
+    for part, (why, fix) in _MEGATRON_UNSUPPORTED.items():
+        if _int(config, f"{section}.{part}", 1, minimum=1) > 1:
+            _fail(f"{section}.{part}", f"> 1 is not supported: {why}", fix)
+
+
 def _dp_size(config: Any, section: str, n_gpus: int, sp_key: str) -> tuple[int, int]:
     """(data-parallel size, sequence-parallel size) of a role."""
     strategy = str(cfg_select(config, f"{section}.strategy", "fsdp"))
     if strategy == "megatron":
+        _check_megatron_unsupported(config, f"{section}.megatron")
         model_parallel = 1
         for part in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
             model_parallel *= _int(config, f"{section}.megatron.{part}", 1, minimum=1)

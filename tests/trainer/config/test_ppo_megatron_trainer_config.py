@@ -91,6 +91,17 @@ def test_validate_config_uses_the_megatron_data_parallel_size():
         validate_config(bad, check_paths=False)
 
 
+@pytest.mark.parametrize("part,fix", [("context_parallel_size", "ulysses_sequence_parallel_size"),
+                                      ("expert_model_parallel_size", "strategy=fsdp")])
+def test_unsupported_megatron_parallelism_is_refused_on_the_driver(part, fix):
+    cfg = _compose(
+        "ppo_megatron_trainer",
+        SMALL_RUN + ["trainer.n_gpus_per_node=4", "trainer.device=cpu", f"actor_rollout_ref.actor.megatron.{part}=2"])
+    OmegaConf.resolve(cfg)
+    with pytest.raises(ConfigError, match=rf"actor_rollout_ref.actor.megatron.{part}: > 1 is not supported.*{fix}"):
+        validate_config(cfg, check_paths=False)
+
+
 def test_preflight_passes_with_megatron_core_and_names_the_pip_command_without_it(monkeypatch):
     import importlib.util
 
