@@ -26,6 +26,11 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="HF model directory (default: the built-in tiny model)")
     parser.add_argument("--batch", type=int, default=64, help="prompts per batch")
     parser.add_argument("--prompt-length", type=int, default=32, help="tokens per prompt")
+    parser.add_argument("--max-prompt-length",
+                        type=int,
+                        default=None,
+                        help="left-pad every prompt to this many positions, as the dataset pads to "
+                        "data.max_prompt_length (default: --prompt-length, no padding)")
     parser.add_argument("--response-length", type=int, default=64, help="new tokens per prompt")
     parser.add_argument("--backends", default="hf,vllm,sglang", help="comma-separated: hf, vllm, sglang")
     parser.add_argument("--repeats", type=int, default=3, help="timed generations per backend (after one warm-up)")
@@ -34,7 +39,7 @@ def _parse() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def _prompts(batch: int, length: int, vocab: int, pad: int, seed: int):
+def _prompts(batch: int, length: int, vocab: int, pad: int, seed: int, padded_length: int):
     import numpy as np
     import torch
 
@@ -43,9 +48,10 @@ def _prompts(batch: int, length: int, vocab: int, pad: int, seed: int):
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
     raw = np.empty(batch, dtype=object)
     raw[:] = [row.tolist() for row in ids]
+    ids = torch.nn.functional.pad(ids, (padded_length - length, 0), value=pad)
+    mask = (torch.arange(padded_length) >= padded_length - length).long().expand(batch, -1).contiguous()
     return DataProto.from_dict(
         {
             "input_ids": ids,
@@ -86,7 +92,10 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(get_device())
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    prompts = _prompts(args.batch, args.prompt_length, int(model.config.vocab_size), pad, args.seed)
+    padded_length = args.max_prompt_length or args.prompt_length
+    if padded_length < args.prompt_length:
+        raise SystemExit(f"--max-prompt-length {padded_length} is shorter than --prompt-length {args.prompt_length}")
+    prompts = _prompts(args.batch, args.prompt_length, int(model.config.vocab_size), pad, args.seed, padded_length)
     prompts.meta_info["response_length"] = args.response_length
     config = {
         "prompt_length": args.prompt_length,
@@ -155,8 +164,10 @@ def main() -> None:
             raise SystemExit(f"unknown backend {backend!r}; use hf, vllm and/or sglang")
 
     device = "cuda" if is_cuda_available() else f"cpu ({args.threads} thread{'s' if args.threads > 1 else ''})"
-    print(f"\nmodel {path}\ndevice {device}, dtype {dtype}, batch {args.batch} x prompt {args.prompt_length} + "
-          f"{args.response_length} new tokens = {tokens} generated tokens per call, median of {args.repeats}\n")
+    print(
+        f"\nmodel {path}\ndevice {device}, dtype {dtype}, batch {args.batch} x prompt {args.prompt_length} "
+        f"(left-padded to {padded_length}) + {args.response_length} new tokens = {tokens} generated tokens per call, median of {args.repeats}\n"
+    )
     print("| backend | engine start s | weight sync s | generate s (median) | tokens/s | vs hf |")
     print("|---|---|---|---|---|---|")
     hf_rate = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import os
 import subprocess
 import sys
@@ -244,3 +245,24 @@ def test_logprob_head_runs_every_mode(tmp_path, capsys):
     assert set(payload["results"]) == {"log-probs", "metrics entropy", "entropy loss"}
     assert all(r["peak_gb"] >= 0 and r["s"] > 0 for r in payload["results"].values())
     assert "### Log-prob head" in capsys.readouterr().out
+
+
+def test_rollout_throughput_hf_with_left_padded_prompts():
+    """``rollout_throughput.py`` with the HF backend (the engines' halves run in their venvs) and prompts left-padded
+    to a larger ``--max-prompt-length``, as the dataset pads them."""
+    cmd = [
+        sys.executable,
+        os.path.join(BENCH, "rollout_throughput.py"), "--backends", "hf", "--batch", "4", "--prompt-length", "6",
+        "--max-prompt-length", "20", "--response-length", "5", "--repeats", "1"
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "batch 4 x prompt 6 (left-padded to 20) + 5 new tokens = 20 generated tokens" in proc.stdout
+    rate = re.search(r"^\| hf \|.*\| ([\d,]+) \| 1\.0x \|$", proc.stdout, re.MULTILINE)
+    assert rate and int(rate.group(1).replace(",", "")) > 0, proc.stdout
+    bad = subprocess.run(cmd[:-6] + ["--max-prompt-length", "3", "--repeats", "1"],
+                         capture_output=True,
+                         text=True,
+                         timeout=300,
+                         cwd=REPO)
+    assert bad.returncode != 0 and "--max-prompt-length 3 is shorter than --prompt-length 6" in bad.stderr

@@ -193,6 +193,40 @@ def test_micro_batching_gives_the_same_greedy_output(model):
     assert torch.equal(whole.batch["attention_mask"], micro.batch["attention_mask"])
 
 
+def _left_pad(prompts, extra):
+    """The same prompts with ``extra`` more columns of left padding (a larger data.max_prompt_length)."""
+    b = prompts.batch
+    wide = {
+        key: torch.nn.functional.pad(b[key], (extra, 0), value=PAD if key == "input_ids" else 0)
+        for key in ("input_ids", "attention_mask", "position_ids")
+    }
+    return DataProto.from_dict(wide, non_tensors=dict(prompts.non_tensor_batch), meta_info=dict(prompts.meta_info))
+
+
+@pytest.mark.parametrize("do_sample", [True, False])
+def test_padding_columns_of_every_row_are_not_generated_over(model, do_sample, monkeypatch):
+    """Left padding shared by all rows is dropped before ``generate`` (it only costs KV-cache and attention work):
+    the samples, log-probs and the returned prompt columns are those of the padded input."""
+    prompts = _prompts(batch=4, do_sample=do_sample, temperature=0.8)
+    padded = _left_pad(prompts, 20)
+    widths = []
+    generate = model.generate
+
+    def recording_generate(*args, **kwargs):
+        widths.append(kwargs["input_ids"].shape[1])
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", recording_generate)
+    cfg = _config(calculate_log_probs=True, seed=3)
+    narrow_out = HFRollout(model, cfg).generate_sequences(prompts)
+    wide_out = HFRollout(model, cfg).generate_sequences(padded)
+    assert widths == [7, 7]  # the 20 shared padding columns never reach generate
+    assert torch.equal(narrow_out.batch["responses"], wide_out.batch["responses"])
+    torch.testing.assert_close(narrow_out.batch["rollout_log_probs"], wide_out.batch["rollout_log_probs"])
+    assert torch.equal(wide_out.batch["prompts"], padded.batch["input_ids"])
+    assert wide_out.batch["input_ids"].shape[1] == 27 + R
+
+
 def test_train_mode_restored_and_no_gradients(model):
     model.train()
     try:

@@ -292,9 +292,13 @@ class HFRollout(BaseRollout):
 
         device = next(self.module.parameters()).device
         input_device = batch["input_ids"].device
-        input_ids = batch["input_ids"].to(device)
-        attention_mask = batch["attention_mask"].to(device)
-        position_ids = batch["position_ids"].to(device) if "position_ids" in batch.keys() else None
+        # prompts are left-padded to data.max_prompt_length: columns that are padding in every row only cost KV-cache
+        # and attention work at every decode step, and change nothing, so generate without them
+        real_columns = batch["attention_mask"].bool().any(dim=0).nonzero()
+        first = int(real_columns[0]) if len(real_columns) else 0
+        input_ids = batch["input_ids"][:, first:].to(device)
+        attention_mask = batch["attention_mask"][:, first:].to(device)
+        position_ids = batch["position_ids"][..., first:].to(device) if "position_ids" in batch.keys() else None
         if s.n > 1:
             input_ids = input_ids.repeat_interleave(s.n, dim=0)
             attention_mask = attention_mask.repeat_interleave(s.n, dim=0)
