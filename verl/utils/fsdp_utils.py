@@ -323,9 +323,11 @@ def iter_full_params_in_buckets(module: nn.Module,
 
     Every rank of the mesh must iterate to the end together: each DTensor's gathering is a collective. Peak extra
     memory is one bucket. Names are the HF names (FSDP2 keeps them). ``dtype`` casts floating tensors (e.g. bf16 for
-    a rollout engine); ``to_cpu`` moves gathered tensors to host memory. ``skip_tied`` yields a tensor shared under
+    a rollout engine); ``to_cpu`` moves gathered tensors to host memory. ``skip_tied`` yields a parameter shared under
     several names (tied embeddings: ``lm_head.weight`` is ``model.embed_tokens.weight``) once, under its first name:
-    rollout engines tie it themselves, and sending it twice moved ~27% more bytes per sync for Qwen2.5-0.5B.
+    for a target that shares it the same way (the HF rollout model), where the copy moved ~27% more bytes per sync
+    for Qwen2.5-0.5B. Not for vLLM: the output layer of its CPU build did not follow a sync without ``lm_head.weight``
+    (tests/workers/rollout/vllm/test_vllm_tied_embeddings.py).
     """
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")

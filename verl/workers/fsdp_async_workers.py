@@ -219,7 +219,7 @@ class AsyncActorRolloutRefWorker(ActorRolloutRefWorker):
             load_fsdp_model_to_gpu(self.actor_module_fsdp)
         try:
             buckets = ([(_clean_name(n), t) for n, t in bucket] for bucket in iter_full_params_in_buckets(
-                self.actor_module_fsdp, bucket_bytes=int(bucket_mb * (1 << 20)), to_cpu=True, skip_tied=True))
+                self.actor_module_fsdp, bucket_bytes=int(bucket_mb * (1 << 20)), to_cpu=True))
             if self.rollout_server is not None:
                 try:
                     stats = push_weight_buckets([self.rollout_server],

@@ -35,15 +35,13 @@ TEXTS = [
 ]
 
 
-def _config(engine: str, tp: int, rollout_tp: int):
+def _config(engine: str, tp: int, rollout_tp: int, model_path: str):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     import verl
-    from verl.models.tiny import get_tiny_model_path
-
     overrides = [
-        f"actor_rollout_ref.model.path={get_tiny_model_path()}",
+        f"actor_rollout_ref.model.path={model_path}",
         f"data.max_prompt_length={P}",
         f"data.max_response_length={R}",
         f"actor_rollout_ref.rollout.name={engine}",
@@ -140,7 +138,7 @@ def _check_sync_metrics(out, model) -> None:
     for key in ("perf/weight_sync_s", "perf/weight_sync_gb", "perf/weight_sync_buckets",
                 "perf/weight_sync_max_bucket_mb", "timing_s/weight_sync"):
         assert key in metrics, f"missing {key}: {sorted(metrics)}"
-    sizes = [p.numel() * p.element_size() for p in model.parameters()]  # tied weights counted once
+    sizes = [v.numel() * v.element_size() for v in model.state_dict().values()]  # a tied lm_head is sent too
     assert metrics["perf/weight_sync_buckets"] > 2, metrics
     assert metrics["perf/weight_sync_max_bucket_mb"] <= max(BUCKET_MB, max(sizes) / float(1 << 20)) + 1e-9, metrics
     assert abs(metrics["perf/weight_sync_gb"] * (1 << 30) - sum(sizes)) < 1, (metrics, sum(sizes))
@@ -148,6 +146,7 @@ def _check_sync_metrics(out, model) -> None:
 
 def main() -> None:
     engine, tp, rollout_tp, out_dir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    tied = sys.argv[5:] == ["tied"]  # the tiny model with tie_word_embeddings (as Qwen2.5-0.5B .. 3B)
     torch.set_num_threads(1)  # the CI box has 2 cores for all ranks and their engines
     if engine == "sglang" and not torch.cuda.is_available():
         os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")  # before anything imports SGLang
@@ -156,7 +155,11 @@ def main() -> None:
     from verl.workers.megatron_workers import ActorRolloutRefWorker
 
     start = time.perf_counter()
-    config = _config(engine, tp, rollout_tp)
+    from verl.models.tiny import build_tiny_model, get_tiny_model_path
+
+    model_path = (build_tiny_model(os.path.join(out_dir, f"tied-{os.environ.get('RANK', '0')}"),
+                                   tie_word_embeddings=True) if tied else get_tiny_model_path())
+    config = _config(engine, tp, rollout_tp, model_path)
     worker = ActorRolloutRefWorker(config, role="actor_rollout")
     worker.init_model()
     rank, world = dist.get_rank(), dist.get_world_size()

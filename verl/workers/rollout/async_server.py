@@ -305,7 +305,7 @@ def push_module_weights(module: torch.nn.Module,
     from verl.workers.sharding_manager.fsdp_hf import _clean_name
 
     stats = {"buckets": 0, "bytes": 0, "weight_version": -1}
-    for bucket in iter_full_params_in_buckets(module, bucket_bytes=bucket_bytes, to_cpu=True, skip_tied=True):
+    for bucket in iter_full_params_in_buckets(module, bucket_bytes=bucket_bytes, to_cpu=True):
         if not send:
             continue
         bucket = [(_clean_name(name), tensor) for name, tensor in bucket]

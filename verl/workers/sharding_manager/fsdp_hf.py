@@ -195,8 +195,7 @@ class FSDPWeightSource:
 
         for bucket in iter_full_params_in_buckets(self.module,
                                                   bucket_bytes=self.bucket_bytes,
-                                                  dtype=self._engine_dtype(),
-                                                  skip_tied=True):
+                                                  dtype=self._engine_dtype()):
             yield [(_clean_name(name), tensor) for name, tensor in bucket]
             del bucket
 

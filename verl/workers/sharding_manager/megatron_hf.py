@@ -102,13 +102,17 @@ class MegatronWeightGenerator:
         converter: the :class:`~verl.models.mcore.DenseDecoderWeightConverter` of their layout.
         bucket_bytes: bound of one bucket (``rollout.update_weights_bucket_megabytes``).
         dtype: cast floating tensors to it (None: the actor's dtype).
+        tied_output: with tied embeddings, also yield the embedding as ``lm_head.weight``. An HF rollout model shares
+            the two parameters, so it needs the embedding only; vLLM's output layer did not follow the embedding
+            without it (tests/workers/rollout/vllm/test_megatron_vllm.py), so the engines get both.
     """
 
     def __init__(self,
                  actor_module: list,
                  converter: Any,
                  bucket_bytes: int = 512 << 20,
-                 dtype: Optional[torch.dtype] = None) -> None:
+                 dtype: Optional[torch.dtype] = None,
+                 tied_output: bool = False) -> None:
         if int(bucket_bytes) <= 0:
             raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}; set "
                              "actor_rollout_ref.rollout.update_weights_bucket_megabytes to a positive number")
@@ -116,6 +120,7 @@ class MegatronWeightGenerator:
         self.converter = converter
         self.bucket_bytes = int(bucket_bytes)
         self.dtype = dtype
+        self.tied_output = bool(tied_output)
         self._meta: Optional[dict] = None
 
     def _local_params(self) -> list[dict[str, torch.Tensor]]:
@@ -197,6 +202,8 @@ class MegatronWeightGenerator:
                         if self.dtype is not None and full.is_floating_point():
                             full = full.to(self.dtype)
                         yield name, full.contiguous()
+                        if tied and self.tied_output and gn == "embedding.word_embeddings.weight":
+                            yield "lm_head.weight", full.contiguous()
 
     def iter_weight_buckets(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """:meth:`iter_hf_weights` in lists of at most ``bucket_bytes``. Each step runs in megatron's CPU device
@@ -229,7 +236,11 @@ class MegatronWeightSource:
 
     def _init_megatron_source(self, actor_module: list, converter: Any, bucket_bytes: int, dtype: Any,
                               offload_param: bool, param_store: Optional[dict]) -> None:
-        self.generator = MegatronWeightGenerator(actor_module, converter, bucket_bytes=bucket_bytes, dtype=dtype)
+        self.generator = MegatronWeightGenerator(actor_module,
+                                                 converter,
+                                                 bucket_bytes=bucket_bytes,
+                                                 dtype=dtype,
+                                                 tied_output=True)
         self.offload_param = bool(offload_param)
         self.param_store = param_store if param_store is not None else {}
 

@@ -33,13 +33,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_megatron_actor_syncs_into_sglang(tmp_path):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied_embeddings"])
+def test_megatron_actor_syncs_into_sglang(tmp_path, tied):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={_free_port()}", CHECKS,
         "sglang", "1", "1",
         str(tmp_path)
-    ]
+    ] + (["tied"] if tied else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"sglang megatron tp=1 failed:\n{log[-8000:]}"

@@ -33,8 +33,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_engine_checks(engine: str, tp: int, rollout_tp: int, nproc: int, tmp_path) -> str:
-    """Run the checks on ``nproc`` fresh ranks; returns their log. Fails with the log's tail when a rank fails."""
+def run_engine_checks(engine: str, tp: int, rollout_tp: int, nproc: int, tmp_path, tied: bool = False) -> str:
+    """Run the checks on ``nproc`` fresh ranks (``tied``: on the tiny model with tied embeddings); returns their log.
+    Fails with the log's tail when a rank fails."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
@@ -42,7 +43,7 @@ def run_engine_checks(engine: str, tp: int, rollout_tp: int, nproc: int, tmp_pat
         str(tp),
         str(rollout_tp),
         str(tmp_path)
-    ]
+    ] + (["tied"] if tied else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{engine} megatron tp={tp} rollout tp={rollout_tp} failed:\n{log[-8000:]}"
@@ -59,3 +60,9 @@ def test_megatron_actor_syncs_into_vllm(tmp_path):
 def test_megatron_tp2_actor_syncs_into_vllm_tp2(tmp_path):
     log = run_engine_checks("vllm", tp=2, rollout_tp=2, nproc=2, tmp_path=tmp_path)
     assert log.count("engine=vllm megatron tp=2 rollout tp=2") == 2
+
+
+def test_megatron_actor_with_tied_embeddings_syncs_into_vllm(tmp_path):
+    """The embedding is also sent as lm_head.weight: without it vLLM's output layer kept its dummy weights."""
+    log = run_engine_checks("vllm", tp=1, rollout_tp=1, nproc=1, tmp_path=tmp_path, tied=True)
+    assert "engine=vllm megatron tp=1 rollout tp=1" in log
