@@ -247,6 +247,29 @@ def test_logprob_head_runs_every_mode(tmp_path, capsys):
     assert "### Log-prob head" in capsys.readouterr().out
 
 
+def test_actor_update_runs_every_side(tmp_path, capsys):
+    """``actor_update.py``: this library's FSDP2 actor, the same actor unsharded and the plain loop, each trains the
+    same batch (a fresh process each, one-rank torch.distributed for the FSDP side)."""
+    import actor_update
+
+    out = tmp_path / "update.json"
+    payload = actor_update.main([
+        "--rows", "4", "--prompt-length", "6", "--response-length", "5", "--micro-batch", "2", "--updates", "2",
+        "--device", "cpu", "--profile", "--out",
+        str(out)
+    ])
+    assert json.loads(out.read_text())["results"] == payload["results"]
+    assert set(payload["results"]) == {"ours", "ours-unsharded", "plain"}
+    for r in payload["results"].values():
+        assert len(r["update_s_all"]) == 2 and r["update_s"] > 0 and r["peak_gb"] > 0
+        assert r["phases_s"]["optimizer step"] > 0 and r["phases_s"]["gradient clip"] > 0
+        assert r["top_ops"] and all(op["calls"] > 0 for op in r["top_ops"])
+    stdout = capsys.readouterr().out
+    assert "### Actor update (cpu" in stdout and "top operators of one update" in stdout
+    with pytest.raises(ValueError, match="--sides 'ours,nope': unknown \\['nope'\\]"):
+        actor_update.main(["--sides", "ours,nope"])
+
+
 def test_rollout_throughput_hf_with_left_padded_prompts():
     """``rollout_throughput.py`` with the HF backend (the engines' halves run in their venvs) and prompts left-padded
     to a larger ``--max-prompt-length``, as the dataset pads them."""
