@@ -49,6 +49,10 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--updates", type=int, default=4, help="updates per side; the first is warm-up")
     parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
     parser.add_argument("--profile", action="store_true", help="print the top operators of one more update")
+    parser.add_argument("--empty-cache",
+                        action="store_true",
+                        help="release the allocator's cached device memory before every update, as the hybrid "
+                        "engine's phases do between generation and training")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -208,6 +212,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     for _ in range(spec["updates"]):
         phases.clear()
         sync()
+        if spec["empty_cache"] and device == "cuda":
+            torch.cuda.empty_cache()
         t0 = time.perf_counter()
         update()
         sync()
@@ -255,11 +261,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     device = h.resolve_device(args.device)
     model_path, description = h.resolve_model(args.size)
     tokens = args.rows * (args.prompt_length + args.response_length)
-    print(
-        f"model: {description}\ndevice: {device}; one update = {args.rows} rows x ({args.prompt_length} prompt + "
-        f"{args.response_length} response) = {tokens:,} positions, micro-batch {args.micro_batch}; {args.updates} "
-        "updates per side (the first is warm-up), each side in a fresh process",
-        flush=True)
+    print(f"model: {description}\ndevice: {device}; one update = {args.rows} rows x ({args.prompt_length} prompt + "
+          f"{args.response_length} response) = {tokens:,} positions, micro-batch {args.micro_batch}; {args.updates} "
+          "updates per side (the first is warm-up), each side in a fresh process" +
+          ("; cached device memory released before every update" if args.empty_cache else ""),
+          flush=True)
     results: dict[str, dict[str, Any]] = {}
     for side in sides:
         spec = {
@@ -273,6 +279,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             "micro_batch": args.micro_batch,
             "updates": args.updates,
             "profile": args.profile,
+            "empty_cache": args.empty_cache,
         }
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         env.pop("MASTER_PORT", None)
