@@ -4,7 +4,9 @@ Everything but :func:`build_gpt_model` / :func:`make_transformer_config` is pure
 megatron-core (tested on CPU). See :mod:`verl.models.mcore.weight_converter` for the names and layouts.
 """
 from verl.models.mcore.config_converter import (ParallelSizes, hf_to_gpt_model_kwargs, hf_to_mcore_config_dense,
-                                                rope_kwargs)
+                                                hf_to_mcore_config_mixtral, moe_token_dispatcher, rope_kwargs)
+from verl.models.mcore.mixtral import (MixtralWeightConverter, mixtral_module_target, mixtral_to_checkpoint_names,
+                                       mixtral_to_in_memory_names)
 from verl.models.mcore.model_initializer import (MEGATRON_INSTALL_HINT, build_gpt_model, get_gpt_layer_spec,
                                                  import_megatron_core, is_megatron_core_available,
                                                  layout_from_transformer_config, make_transformer_config)
@@ -22,6 +24,7 @@ __all__ = [
     "McoreLayout",
     "McoreModelEntry",
     "McoreShards",
+    "MixtralWeightConverter",
     "ParallelSizes",
     "bucket_named_tensors",
     "build_gpt_model",
@@ -34,6 +37,7 @@ __all__ = [
     "hf_to_mcore",
     "hf_to_mcore_config",
     "hf_to_mcore_config_dense",
+    "hf_to_mcore_config_mixtral",
     "hf_to_mcore_rank",
     "import_megatron_core",
     "is_megatron_core_available",
@@ -41,6 +45,10 @@ __all__ = [
     "layout_from_transformer_config",
     "make_transformer_config",
     "mcore_to_hf",
+    "mixtral_module_target",
+    "mixtral_to_checkpoint_names",
+    "mixtral_to_in_memory_names",
+    "moe_token_dispatcher",
     "per_tensor_generator",
     "register_mcore_model",
     "rope_kwargs",

@@ -16,6 +16,8 @@ from verl.models.mcore.weight_converter import DecoderDims, McoreLayout, _cfg
 __all__ = [
     "ParallelSizes",
     "hf_to_mcore_config_dense",
+    "hf_to_mcore_config_mixtral",
+    "moe_token_dispatcher",
     "hf_to_gpt_model_kwargs",
     "rope_kwargs",
 ]
@@ -75,6 +77,7 @@ class ParallelSizes(dict):
         return McoreLayout(tp_size=self["tensor_model_parallel_size"],
                            pp_size=self["pipeline_model_parallel_size"],
                            vpp_size=self["virtual_pipeline_model_parallel_size"],
+                           ep_size=self["expert_model_parallel_size"],
                            **kwargs)
 
 
@@ -182,3 +185,84 @@ def hf_to_gpt_model_kwargs(hf_config: Any, layout: Optional[McoreLayout] = None)
                parallel_output=True)
     out.update(rope_kwargs(hf_config))
     return out
+
+
+def moe_token_dispatcher(on_cuda: Optional[bool] = None) -> dict[str, Any]:
+    """``TransformerConfig`` kwargs of the MoE token dispatcher: ``alltoall`` on CUDA (uneven token counts per rank,
+    so ``variable_seq_lengths`` stays on for pipeline micro-batches of different shapes); ``allgather`` without CUDA,
+    since megatron-core's all-to-all dispatcher creates a ``torch.cuda.Stream``. The all-gather dispatcher refuses
+    ``variable_seq_lengths`` and needs the same micro-batch shape on every rank of the expert-parallel group."""
+    if on_cuda is None:
+        from verl.utils.device import is_cuda_available
+
+        on_cuda = is_cuda_available()
+    if on_cuda:
+        return {"moe_token_dispatcher_type": "alltoall", "variable_seq_lengths": True}
+    return {"moe_token_dispatcher_type": "allgather", "variable_seq_lengths": False}
+
+
+def hf_to_mcore_config_mixtral(hf_config: Any,
+                               dtype: Any = torch.bfloat16,
+                               parallel: Optional[Mapping[str, Any]] = None,
+                               override_transformer_config: Optional[Mapping[str, Any]] = None,
+                               **extra: Any) -> dict[str, Any]:
+    """``TransformerConfig`` kwargs of a Mixtral-style sparse MoE decoder (``MixtralForCausalLM``): the dense
+    decoder's attention and norms, every MLP a ``num_local_experts``-expert MoE layer of megatron-core's
+    ``SequentialMLP`` (no grouped GEMM).
+
+    Routing equals HF Mixtral's (softmax over all experts, top-k, renormalised over the k): megatron's softmax router
+    with ``moe_router_pre_softmax=False`` takes the top-k logits and softmaxes over those k, the same probabilities.
+    The router runs in fp32 (HF's softmax does). The auxiliary load-balancing loss is on only where HF's model adds
+    it to its loss (``output_router_logits=True``): then ``moe_aux_loss_coeff = router_aux_loss_coef``.
+    ``sliding_window``, ``router_jitter_noise`` and top-1 routing have no megatron-core equivalent here and raise.
+    """
+    experts = _cfg(hf_config, "num_local_experts", "num_experts", default=None)
+    topk = int(_cfg(hf_config, "num_experts_per_tok", default=2))
+    if experts is None or int(experts) < 1:
+        raise ValueError("a Mixtral config needs num_local_experts >= 1")
+    experts = int(experts)
+    if _cfg(hf_config, "sliding_window", default=None) is not None:
+        raise NotImplementedError(f"sliding_window={_cfg(hf_config, 'sliding_window')} (Mixtral's sliding-window "
+                                  "attention) is not expressed in this Megatron-core backend; set sliding_window=null "
+                                  "in config.json if the model's context is within the window")
+    jitter = float(_cfg(hf_config, "router_jitter_noise", default=0.0) or 0.0)
+    if jitter > 0:
+        raise NotImplementedError(f"router_jitter_noise={jitter}: HF Mixtral's multiplicative jitter on the MoE "
+                                  "input has no megatron-core equivalent; set router_jitter_noise=0")
+    if not 1 < topk <= experts:
+        raise NotImplementedError(f"num_experts_per_tok={topk}: HF Mixtral renormalises the top-k probabilities (a "
+                                  "weight of 1 for top-1), which megatron-core's router expresses for 1 < k <= "
+                                  f"num_local_experts={experts} only")
+    sizes = parallel if isinstance(parallel, ParallelSizes) else ParallelSizes.from_megatron_config(parallel)
+    etp = sizes.get("expert_tensor_parallel_size")
+    if etp is not None and etp != sizes["tensor_model_parallel_size"]:
+        raise NotImplementedError(f"expert_tensor_parallel_size={etp}: the experts are split over TP like the dense "
+                                  "MLP here; leave it unset (= tensor_model_parallel_size)")
+    ep = sizes["expert_model_parallel_size"]
+    if experts % ep:
+        raise ValueError(f"expert_model_parallel_size={ep} does not divide num_local_experts={experts}; choose a "
+                         "divisor of it")
+    aux = float(_cfg(hf_config, "router_aux_loss_coef", default=0.0) or 0.0)
+    use_aux = bool(_cfg(hf_config, "output_router_logits", default=False)) and aux > 0
+    moe = dict(
+        num_moe_experts=experts,
+        moe_router_topk=topk,
+        moe_ffn_hidden_size=int(_cfg(hf_config, "intermediate_size")),
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=False,
+        moe_router_topk_scaling_factor=None,
+        moe_router_dtype="fp32",
+        moe_grouped_gemm=False,
+        moe_router_load_balancing_type="aux_loss" if use_aux else "none",
+        moe_aux_loss_coeff=aux if use_aux else 0.0,
+        moe_input_jitter_eps=None,
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
+    )
+    moe.update(moe_token_dispatcher())
+    moe.update(extra)
+    return hf_to_mcore_config_dense(hf_config,
+                                    dtype=dtype,
+                                    parallel=sizes,
+                                    override_transformer_config=override_transformer_config,
+                                    **moe)

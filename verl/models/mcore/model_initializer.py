@@ -82,6 +82,7 @@ def layout_from_transformer_config(tf_config: Any,
     return McoreLayout(tp_size=int(tf_config.tensor_model_parallel_size),
                        pp_size=int(tf_config.pipeline_model_parallel_size),
                        vpp_size=int(vpp) if vpp not in (None, 1) else None,
+                       ep_size=int(getattr(tf_config, "expert_model_parallel_size", 1) or 1),
                        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
                        fused_layernorm=use_transformer_engine)
 
@@ -102,11 +103,25 @@ def get_gpt_layer_spec(tf_config: Any, use_transformer_engine: Optional[bool] = 
     use_te = _te_available() if use_transformer_engine is None else use_transformer_engine
     fn = (gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec
           if use_te else gpt_layer_specs.get_gpt_layer_local_spec)
-    wanted = {"qk_layernorm": bool(getattr(tf_config, "qk_layernorm", False))}
+    wanted: dict[str, Any] = {"qk_layernorm": bool(getattr(tf_config, "qk_layernorm", False))}
+    num_experts = getattr(tf_config, "num_moe_experts", None)
+    if num_experts:
+        wanted.update(num_experts=int(num_experts),
+                      moe_grouped_gemm=bool(getattr(tf_config, "moe_grouped_gemm", False)))
     if not use_te:
         wanted["normalization"] = getattr(tf_config, "normalization", "RMSNorm")
     accepted = inspect.signature(fn).parameters
     return fn(**{k: v for k, v in wanted.items() if k in accepted})
+
+
+def _patch_moe_without_te() -> None:
+    """megatron-core 0.16's router reads ``moe_utils.te_general_gemm``, which is only defined when Transformer Engine
+    imports; without it the router's torch matmul path is what should run, so the name is set to None (only if it is
+    missing, so a real Transformer Engine is never shadowed)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def build_gpt_model(hf_config: Any,
@@ -131,6 +146,8 @@ def build_gpt_model(hf_config: Any,
     from megatron.core.models.gpt import GPTModel
 
     tf_config = transformer_config or make_transformer_config(hf_to_mcore_config(hf_config, **config_kwargs))
+    if getattr(tf_config, "num_moe_experts", None):
+        _patch_moe_without_te()
     use_te = _te_available() if use_transformer_engine is None else use_transformer_engine
     layout = layout_from_transformer_config(tf_config, use_te, make_vocab_size_divisible_by)
     dims = DecoderDims.from_hf_config(hf_config)

@@ -1,6 +1,7 @@
 """Registry of the Hugging Face architectures the Megatron backend can build and convert.
 
-Each entry, keyed by the HF ``architectures[0]`` name (``Qwen2ForCausalLM``, ``LlamaForCausalLM``), gives
+Each entry, keyed by the HF ``architectures[0]`` name (``Qwen2ForCausalLM``, ``LlamaForCausalLM``,
+``MixtralForCausalLM``), gives
 
 * ``config_converter(hf_config, dtype=..., parallel=..., override_transformer_config=..., **extra) -> dict``: the
   ``TransformerConfig`` kwargs (:func:`verl.models.mcore.config_converter.hf_to_mcore_config_dense` for dense
@@ -17,7 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from verl.models.mcore.config_converter import hf_to_gpt_model_kwargs, hf_to_mcore_config_dense
+from verl.models.mcore.config_converter import (hf_to_gpt_model_kwargs, hf_to_mcore_config_dense,
+                                                hf_to_mcore_config_mixtral)
+from verl.models.mcore.mixtral import MixtralWeightConverter
 from verl.models.mcore.weight_converter import DenseDecoderWeightConverter, McoreLayout, _cfg
 
 __all__ = [
@@ -109,3 +112,4 @@ def get_gpt_model_kwargs(hf_config: Any, layout: Optional[McoreLayout] = None) -
 
 register_mcore_model("LlamaForCausalLM", hf_to_mcore_config_dense)
 register_mcore_model("Qwen2ForCausalLM", hf_to_mcore_config_dense)
+register_mcore_model("MixtralForCausalLM", hf_to_mcore_config_mixtral, weight_converter_cls=MixtralWeightConverter)

@@ -72,11 +72,13 @@ __all__ = [
     "bucket_named_tensors",
 ]
 
-#: Shards of all ranks: ``{(tp_rank, pp_rank): [state dict of virtual chunk 0, chunk 1, ...]}``.
-McoreShards = dict[tuple[int, int], list[dict[str, torch.Tensor]]]
+#: Shards of all ranks: ``{(tp_rank, pp_rank): [state dict of virtual chunk 0, chunk 1, ...]}``; with expert
+#: parallelism (``McoreLayout.ep_size > 1``) the keys are ``(tp_rank, pp_rank, ep_rank)``.
+McoreShards = dict[tuple[int, ...], list[dict[str, torch.Tensor]]]
 
 _EXTRA_STATE = "_extra_state"  # Transformer Engine's per-module FP8 metadata: no weight, never converted
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT_RE = re.compile(r"\.local_experts\.(\d+)\.")
 _HF_LAYER = "model.layers.{}."
 
 
@@ -87,7 +89,9 @@ def _ceil_to(value: int, multiple: int) -> int:
 @dataclass(frozen=True)
 class McoreLayout:
     """How a model is split over Megatron's tensor (``tp_size``), pipeline (``pp_size``) and virtual-pipeline
-    (``vpp_size``, None = no interleaving) dimensions, plus the naming/padding choices of the model build.
+    (``vpp_size``, None = no interleaving) dimensions, the expert-parallel size of MoE layers (``ep_size``: EP rank
+    ``r`` holds global experts ``r * E / ep_size ... (r + 1) * E / ep_size - 1``, megatron's numbering), plus the
+    naming/padding choices of the model build.
 
     ``make_vocab_size_divisible_by``: the vocabulary is padded to a multiple of this times ``tp_size`` (Megatron-LM's
     rule; 1 = pad only as much as TP needs). ``fused_layernorm``: True for the Transformer-Engine layer spec (norm
@@ -100,9 +104,10 @@ class McoreLayout:
     vpp_size: Optional[int] = None
     make_vocab_size_divisible_by: int = 1
     fused_layernorm: bool = True
+    ep_size: int = 1
 
     def __post_init__(self) -> None:
-        for key in ("tp_size", "pp_size", "make_vocab_size_divisible_by"):
+        for key in ("tp_size", "pp_size", "make_vocab_size_divisible_by", "ep_size"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"McoreLayout.{key} must be a positive int, got {value!r}")
@@ -118,9 +123,19 @@ class McoreLayout:
         """Model chunks per pipeline rank (the virtual-pipeline size, 1 without interleaving)."""
         return self.vpp_size or 1
 
-    def ranks(self) -> list[tuple[int, int]]:
-        """All ``(tp_rank, pp_rank)`` pairs, the keys of :data:`McoreShards`."""
-        return [(t, p) for p in range(self.pp_size) for t in range(self.tp_size)]
+    def ranks(self) -> list[tuple[int, ...]]:
+        """All keys of :data:`McoreShards`: ``(tp_rank, pp_rank)`` pairs, or ``(tp_rank, pp_rank, ep_rank)`` with
+        ``ep_size > 1``."""
+        return [
+            self.shard_key(t, p, e)
+            for p in range(self.pp_size)
+            for e in range(self.ep_size)
+            for t in range(self.tp_size)
+        ]
+
+    def shard_key(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> tuple[int, ...]:
+        """The :data:`McoreShards` key of one rank."""
+        return (tp_rank, pp_rank) if self.ep_size == 1 else (tp_rank, pp_rank, ep_rank)
 
     def padded_vocab_size(self, vocab_size: int) -> int:
         """Rows of the Megatron embedding / output layer for an HF vocabulary of ``vocab_size``."""
@@ -258,6 +273,7 @@ class DenseDecoderWeightConverter:
         self.layout = layout
         self.dims = dims or DecoderDims.from_hf_config(hf_config)
         self.padded_vocab_size = layout.padded_vocab_size(self.dims.vocab_size)
+        self.num_experts = self._num_experts()
         self._check_shapes()
         self._rules: dict[str, _Rule] = {}
         for rule in self.global_rules():
@@ -267,6 +283,27 @@ class DenseDecoderWeightConverter:
                 self._rules[rule.mcore] = rule
 
     # ----------------------------------------------------------------------------------------------- rules -----
+    def _num_experts(self) -> int:
+        """Experts per MoE layer (0: a dense model; MoE converters override)."""
+        return 0
+
+    @property
+    def num_local_experts(self) -> int:
+        """Experts held by one expert-parallel rank."""
+        return self.num_experts // self.layout.ep_size if self.num_experts else 0
+
+    def expert_owner(self, name: str) -> Optional[tuple[int, int]]:
+        """``(ep_rank, local expert index)`` of a Megatron expert parameter named with its *global* expert index;
+        None for parameters that are not per-expert (replicated over the expert-parallel group)."""
+        match = _EXPERT_RE.search(name)
+        if not match or not self.num_experts:
+            return None
+        return divmod(int(match.group(1)), self.num_local_experts)
+
+    def is_expert_param(self, name: str) -> bool:
+        """Whether Megatron parameter ``name`` (local or global indices) is one expert's (split over EP)."""
+        return bool(self.num_experts) and _EXPERT_RE.search(name) is not None
+
     def _check_shapes(self) -> None:
         d, tp = self.dims, self.layout.tp_size
         key = "tensor_model_parallel_size"
@@ -280,6 +317,12 @@ class DenseDecoderWeightConverter:
         if d.ffn_hidden_size % tp:
             raise ValueError(f"{key}={tp} does not divide intermediate_size={d.ffn_hidden_size}")
         self.layout.layers_per_chunk(d.num_layers)  # raises if the layers do not split over PP x VPP
+        if self.layout.ep_size > 1 and not self.num_experts:
+            raise ValueError(f"expert_model_parallel_size={self.layout.ep_size} needs a mixture-of-experts model; "
+                             f"this {type(self).__name__} has no experts: set expert_model_parallel_size=1")
+        if self.num_experts and self.num_experts % self.layout.ep_size:
+            raise ValueError(f"expert_model_parallel_size={self.layout.ep_size} does not divide the "
+                             f"{self.num_experts} experts; choose a divisor of it")
 
     def global_rules(self) -> list[_Rule]:
         """Rules of the parameters outside the decoder layers."""
@@ -331,11 +374,14 @@ class DenseDecoderWeightConverter:
         """Whether the last chunk owns an ``output_layer.weight`` (not when tied and built with the embedding)."""
         return not (self.dims.tie_word_embeddings and self.layout.is_first_stage(pp_rank, vp_stage))
 
-    def mcore_param_names(self, pp_rank: int, vp_stage: int = 0, local: bool = True) -> list[str]:
+    def mcore_param_names(self, pp_rank: int, vp_stage: int = 0, local: bool = True, ep_rank: int = 0) -> list[str]:
         """Megatron parameter names of one model chunk, in a fixed order that every rank agrees on (embedding,
-        layers in order, final norm, output layer). ``local``: layer indices inside the chunk (as its
-        ``state_dict()`` has them), else global indices."""
+        layers in order, final norm, output layer). ``local``: layer indices inside the chunk and expert indices
+        inside expert-parallel rank ``ep_rank`` (as its ``state_dict()`` has them), else global indices. Only the
+        experts of ``ep_rank`` are listed."""
         lay, d = self.layout, self.dims
+        if not 0 <= ep_rank < lay.ep_size:
+            raise ValueError(f"ep_rank={ep_rank} out of range for expert_model_parallel_size={lay.ep_size}")
         names: list[str] = []
         if lay.is_first_stage(pp_rank, vp_stage):
             names.append("embedding.word_embeddings.weight")
@@ -344,28 +390,47 @@ class DenseDecoderWeightConverter:
             prefix = f"decoder.layers.{layer}."
             for rule in self.layer_rules(layer):
                 name = rule.mcore
-                names.append(f"decoder.layers.{layer - offset}.{name[len(prefix):]}" if local else name)
+                owner = self.expert_owner(name)
+                if owner is not None and owner[0] != ep_rank:
+                    continue
+                if local:
+                    name = f"decoder.layers.{layer - offset}.{name[len(prefix):]}"
+                    if owner is not None:
+                        name = _EXPERT_RE.sub(f".local_experts.{owner[1]}.", name, count=1)
+                names.append(name)
         if lay.is_last_stage(pp_rank, vp_stage):
             names.append("decoder.final_layernorm.weight")
             if self.has_output_weight(pp_rank, vp_stage):
                 names.append("output_layer.weight")
         return names
 
-    def to_global_name(self, local_name: str, pp_rank: int, vp_stage: int = 0) -> str:
-        """Layer index inside chunk ``vp_stage`` of pipeline rank ``pp_rank`` -> global layer index."""
+    def to_global_name(self, local_name: str, pp_rank: int, vp_stage: int = 0, ep_rank: int = 0) -> str:
+        """Layer index inside chunk ``vp_stage`` of pipeline rank ``pp_rank`` -> global layer index (and the expert
+        index inside expert-parallel rank ``ep_rank`` -> global expert index)."""
         match = _LAYER_RE.match(local_name)
         if not match:
             return local_name
         offset = self.layout.layer_offset(self.dims.num_layers, pp_rank, vp_stage)
-        return f"decoder.layers.{int(match.group(1)) + offset}.{match.group(2)}"
+        name = f"decoder.layers.{int(match.group(1)) + offset}.{match.group(2)}"
+        expert = _EXPERT_RE.search(name)
+        if expert and self.num_experts:
+            name = _EXPERT_RE.sub(f".local_experts.{ep_rank * self.num_local_experts + int(expert.group(1))}.",
+                                  name,
+                                  count=1)
+        return name
 
     def to_local_name(self, global_name: str) -> tuple[int, int, str]:
         """``(pp_rank, vp_stage, local name)`` of a Megatron name with a global layer index. The embedding lives on
-        the first chunk, the final norm and output layer on the last."""
+        the first chunk, the final norm and output layer on the last. An expert's local name has its index inside
+        its expert-parallel rank (:meth:`expert_owner` gives that rank)."""
         match = _LAYER_RE.match(global_name)
         if match:
             pp_rank, vp_stage, local = self.layout.layer_owner(self.dims.num_layers, int(match.group(1)))
-            return pp_rank, vp_stage, f"decoder.layers.{local}.{match.group(2)}"
+            name = f"decoder.layers.{local}.{match.group(2)}"
+            owner = self.expert_owner(global_name)
+            if owner is not None:
+                name = _EXPERT_RE.sub(f".local_experts.{owner[1]}.", name, count=1)
+            return pp_rank, vp_stage, name
         if global_name.startswith("embedding."):
             return 0, 0, global_name
         return self.layout.pp_size - 1, self.layout.num_chunks - 1, global_name
@@ -375,7 +440,7 @@ class DenseDecoderWeightConverter:
         rank holds all of it. Gathering the TP shards of a parameter is ``torch.cat(shards, dim)``."""
         match = _LAYER_RE.match(name)
         if match:
-            name = f"decoder.layers.0.{match.group(2)}"
+            name = _EXPERT_RE.sub(".local_experts.0.", f"decoder.layers.0.{match.group(2)}", count=1)
         return self._rule(name).tp_dim
 
     # ------------------------------------------------------------------------------------------- HF -> mcore -----
@@ -385,9 +450,10 @@ class DenseDecoderWeightConverter:
         rule = self._rule(global_name)
         tensors = []
         for hf_name in rule.hf:
-            if hf_name not in hf_state_dict:
+            tensor = self._hf_tensor(hf_state_dict, hf_name)
+            if tensor is None:
                 raise KeyError(f"HF state dict has no {hf_name!r}, needed for Megatron {global_name!r}")
-            tensors.append(hf_state_dict[hf_name])
+            tensors.append(tensor)
         tp = self.layout.tp_size
         if rule.kind == _QKV:
             return list(torch.chunk(self._fuse_qkv(*tensors), tp, dim=0))
@@ -424,17 +490,34 @@ class DenseDecoderWeightConverter:
         pad = weight.new_zeros((self.padded_vocab_size - rows, *weight.shape[1:]))
         return torch.cat([weight, pad], dim=0)
 
-    def hf_to_mcore_rank(self, hf_state_dict: Mapping[str, torch.Tensor], tp_rank: int,
-                         pp_rank: int) -> list[dict[str, torch.Tensor]]:
-        """The state dicts (one per virtual chunk) of TP rank ``tp_rank`` on pipeline rank ``pp_rank``: what that
-        rank loads into its model chunks. Tensors are slices (views) of the HF ones where possible; call
-        ``.clone()`` / ``.contiguous()`` if they must own their memory."""
+    def _hf_tensor(self, hf_state_dict: Mapping[str, torch.Tensor], hf_name: str) -> Optional[torch.Tensor]:
+        """HF tensor ``hf_name`` (a checkpoint name) of ``hf_state_dict``, None if it has none. MoE converters
+        override it to also read the fused expert tensors of a transformers-5 model's in-memory state dict."""
+        return hf_state_dict[hf_name] if hf_name in hf_state_dict else None
+
+    def hf_module_target(self, hf_name: str) -> Optional[tuple[str, tuple]]:
+        """Where HF tensor ``hf_name`` (checkpoint naming, as this converter yields it) goes in an in-memory HF model
+        whose parameter names differ: ``(parameter name, index)``; None when the names agree (dense models)."""
+        return None
+
+    def _hf_names_used(self) -> set[str]:
+        """Names of an HF state dict that this converter reads (for ``strict``)."""
+        return {hf for rule in self._rules.values() for hf in rule.hf}
+
+    def hf_to_mcore_rank(self,
+                         hf_state_dict: Mapping[str, torch.Tensor],
+                         tp_rank: int,
+                         pp_rank: int,
+                         ep_rank: int = 0) -> list[dict[str, torch.Tensor]]:
+        """The state dicts (one per virtual chunk) of TP rank ``tp_rank`` on pipeline rank ``pp_rank`` (and
+        expert-parallel rank ``ep_rank``): what that rank loads into its model chunks. Tensors are slices (views) of
+        the HF ones where possible; call ``.clone()`` / ``.contiguous()`` if they must own their memory."""
         if not 0 <= tp_rank < self.layout.tp_size:
             raise ValueError(f"tp_rank={tp_rank} out of range for tensor_model_parallel_size={self.layout.tp_size}")
         chunks = []
         for vp_stage in range(self.layout.num_chunks):
-            local = self.mcore_param_names(pp_rank, vp_stage, local=True)
-            global_ = self.mcore_param_names(pp_rank, vp_stage, local=False)
+            local = self.mcore_param_names(pp_rank, vp_stage, local=True, ep_rank=ep_rank)
+            global_ = self.mcore_param_names(pp_rank, vp_stage, local=False, ep_rank=ep_rank)
             chunks.append({
                 ln: self.hf_to_mcore_param(gn, hf_state_dict)[tp_rank].contiguous() for ln, gn in zip(local, global_)
             })
@@ -443,19 +526,21 @@ class DenseDecoderWeightConverter:
     def hf_to_mcore(self, hf_state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> McoreShards:
         """Shards of every rank. ``strict``: an HF tensor that no Megatron parameter uses is an error (rotary
         ``inv_freq`` buffers and a tied ``lm_head.weight`` are always allowed)."""
-        shards: McoreShards = {rank: [] for rank in self.layout.ranks()}
-        for pp_rank in range(self.layout.pp_size):
-            for vp_stage in range(self.layout.num_chunks):
-                per_tp: list[dict[str, torch.Tensor]] = [{} for _ in range(self.layout.tp_size)]
-                local = self.mcore_param_names(pp_rank, vp_stage, local=True)
-                global_ = self.mcore_param_names(pp_rank, vp_stage, local=False)
-                for ln, gn in zip(local, global_):
-                    for tp_rank, tensor in enumerate(self.hf_to_mcore_param(gn, hf_state_dict)):
-                        per_tp[tp_rank][ln] = tensor.contiguous()
-                for tp_rank, sd in enumerate(per_tp):
-                    shards[(tp_rank, pp_rank)].append(sd)
+        lay = self.layout
+        shards: McoreShards = {rank: [] for rank in lay.ranks()}
+        for pp_rank in range(lay.pp_size):
+            for vp_stage in range(lay.num_chunks):
+                for ep_rank in range(lay.ep_size):
+                    per_tp: list[dict[str, torch.Tensor]] = [{} for _ in range(lay.tp_size)]
+                    local = self.mcore_param_names(pp_rank, vp_stage, local=True, ep_rank=ep_rank)
+                    global_ = self.mcore_param_names(pp_rank, vp_stage, local=False, ep_rank=ep_rank)
+                    for ln, gn in zip(local, global_):
+                        for tp_rank, tensor in enumerate(self.hf_to_mcore_param(gn, hf_state_dict)):
+                            per_tp[tp_rank][ln] = tensor.contiguous()
+                    for tp_rank, sd in enumerate(per_tp):
+                        shards[lay.shard_key(tp_rank, pp_rank, ep_rank)].append(sd)
         if strict:
-            used = {hf for rule in self._rules.values() for hf in rule.hf}
+            used = self._hf_names_used()
             unused = [
                 k for k in hf_state_dict if k not in used and not k.endswith("rotary_emb.inv_freq") and
                 not (k == "lm_head.weight" and self.dims.tie_word_embeddings)
@@ -501,21 +586,24 @@ class DenseDecoderWeightConverter:
                                             *tail), v.reshape(d.num_kv_heads * d.head_dim, *tail))
 
     def iter_hf_tensors(
-            self, get_tp_shards: Callable[[int, int, str],
+            self, get_tp_shards: Callable[[int, int, str, int],
                                           Sequence[torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         """Stream the HF tensors, one Megatron parameter at a time, in :meth:`mcore_param_names` order over
-        ``pp_rank``, then ``vp_stage``. ``get_tp_shards(pp_rank, vp_stage, local_name)`` returns that parameter's
-        TP shards (rank order): a dict look-up here, an all-gather over TP plus a broadcast from the owning PP stage
-        in a distributed sharding manager (every rank walks the same sequence)."""
+        ``pp_rank``, then ``vp_stage``, then ``ep_rank`` (expert parameters only for ``ep_rank > 0``).
+        ``get_tp_shards(pp_rank, vp_stage, local_name, ep_rank)`` returns that parameter's TP shards (rank order): a
+        dict look-up here, collectives in a distributed sharding manager (every rank walks the same sequence)."""
         lay = self.layout
         for pp_rank in range(lay.pp_size):
             for vp_stage in range(lay.num_chunks):
-                local = self.mcore_param_names(pp_rank, vp_stage, local=True)
-                global_ = self.mcore_param_names(pp_rank, vp_stage, local=False)
-                for ln, gn in zip(local, global_):
-                    if gn == "output_layer.weight" and self.dims.tie_word_embeddings:
-                        continue  # the tied copy: HF has only the embedding
-                    yield from self.mcore_to_hf_param(gn, get_tp_shards(pp_rank, vp_stage, ln))
+                for ep_rank in range(lay.ep_size):
+                    local = self.mcore_param_names(pp_rank, vp_stage, local=True, ep_rank=ep_rank)
+                    global_ = self.mcore_param_names(pp_rank, vp_stage, local=False, ep_rank=ep_rank)
+                    for ln, gn in zip(local, global_):
+                        if ep_rank and not self.is_expert_param(gn):
+                            continue  # replicated over the expert-parallel group: taken from EP rank 0
+                        if gn == "output_layer.weight" and self.dims.tie_word_embeddings:
+                            continue  # the tied copy: HF has only the embedding
+                        yield from self.mcore_to_hf_param(gn, get_tp_shards(pp_rank, vp_stage, ln, ep_rank))
 
     def per_tensor_generator(self,
                              shards: McoreShards,
@@ -523,13 +611,13 @@ class DenseDecoderWeightConverter:
         """``(hf_name, full tensor)`` for every HF weight, gathered from the shards of all ranks."""
         self._check_shards(shards)
 
-        def lookup(pp_rank: int, vp_stage: int, name: str) -> list[torch.Tensor]:
+        def lookup(pp_rank: int, vp_stage: int, name: str, ep_rank: int) -> list[torch.Tensor]:
             out = []
             for tp_rank in range(self.layout.tp_size):
-                sd = shards[(tp_rank, pp_rank)][vp_stage]
+                sd = shards[self.layout.shard_key(tp_rank, pp_rank, ep_rank)][vp_stage]
                 if name not in sd:
-                    raise KeyError(f"shard (tp_rank={tp_rank}, pp_rank={pp_rank}, vp_stage={vp_stage}) has no "
-                                   f"{name!r}")
+                    raise KeyError(f"shard (tp_rank={tp_rank}, pp_rank={pp_rank}, ep_rank={ep_rank}, vp_stage="
+                                   f"{vp_stage}) has no {name!r}")
                 out.append(sd[name])
             return out
 
@@ -540,23 +628,25 @@ class DenseDecoderWeightConverter:
 
     def _check_shards(self, shards: McoreShards) -> None:
         lay = self.layout
+        what = "(tp_rank, pp_rank)" if lay.ep_size == 1 else "(tp_rank, pp_rank, ep_rank)"
         missing = [r for r in lay.ranks() if r not in shards]
         if missing:
-            raise KeyError(f"shards are missing ranks (tp_rank, pp_rank) {missing[:8]} of tp_size={lay.tp_size}, "
-                           f"pp_size={lay.pp_size}")
-        for (tp_rank, pp_rank), chunks in shards.items():
-            if (tp_rank, pp_rank) not in set(lay.ranks()):
-                raise KeyError(f"shard key {(tp_rank, pp_rank)} is outside tp_size={lay.tp_size}, "
-                               f"pp_size={lay.pp_size}")
+            raise KeyError(f"shards are missing ranks {what} {missing[:8]} of tp_size={lay.tp_size}, "
+                           f"pp_size={lay.pp_size}, ep_size={lay.ep_size}")
+        for key, chunks in shards.items():
+            if key not in set(lay.ranks()):
+                raise KeyError(f"shard key {key} is not a rank {what} of tp_size={lay.tp_size}, "
+                               f"pp_size={lay.pp_size}, ep_size={lay.ep_size}")
+            pp_rank, ep_rank = key[1], (key[2] if len(key) > 2 else 0)
             if len(chunks) != lay.num_chunks:
-                raise ValueError(f"rank (tp_rank={tp_rank}, pp_rank={pp_rank}) has {len(chunks)} model chunks, "
-                                 f"expected virtual_pipeline_model_parallel_size={lay.num_chunks}")
+                raise ValueError(f"rank {key} has {len(chunks)} model chunks, expected "
+                                 f"virtual_pipeline_model_parallel_size={lay.num_chunks}")
             for vp_stage, sd in enumerate(chunks):
-                expected = set(self.mcore_param_names(pp_rank, vp_stage, local=True))
+                expected = set(self.mcore_param_names(pp_rank, vp_stage, local=True, ep_rank=ep_rank))
                 extra = [k for k in sd if k not in expected and not k.endswith(_EXTRA_STATE)]
                 if extra:
-                    raise ValueError(f"rank (tp_rank={tp_rank}, pp_rank={pp_rank}) chunk {vp_stage} has parameters "
-                                     f"this converter does not know: {extra[:8]}")
+                    raise ValueError(f"rank {key} chunk {vp_stage} has parameters this converter does not know: "
+                                     f"{extra[:8]}")
 
     def mcore_to_hf(self, shards: McoreShards) -> dict[str, torch.Tensor]:
         """The HF state dict (tied models: no ``lm_head.weight``) from the shards of all ranks."""
@@ -593,9 +683,10 @@ def hf_to_mcore_rank(hf_state_dict: Mapping[str, torch.Tensor],
                      tp_rank: int,
                      pp_rank: int,
                      layout: Optional[McoreLayout] = None,
+                     ep_rank: int = 0,
                      **layout_kwargs: Any) -> list[dict[str, torch.Tensor]]:
     """One rank's Megatron state dicts (one per virtual chunk), e.g. to load a pretrained HF model on that rank."""
-    return _converter(hf_config, layout, **layout_kwargs).hf_to_mcore_rank(hf_state_dict, tp_rank, pp_rank)
+    return _converter(hf_config, layout, **layout_kwargs).hf_to_mcore_rank(hf_state_dict, tp_rank, pp_rank, ep_rank)
 
 
 def mcore_to_hf(shards: McoreShards,
