@@ -299,8 +299,6 @@ _MEGATRON_UNSUPPORTED = {
         ("megatron-core's context parallelism needs Transformer Engine's attention, which this backend does not use",
          "set it to 1; for long sequences use the FSDP actor with "
          "actor_rollout_ref.actor.ulysses_sequence_parallel_size and actor_rollout_ref.model.use_remove_padding=True"),
-    "expert_model_parallel_size": ("MoE weights are not converted to Megatron yet (dense models only)",
-                                   "set it to 1; train MoE models with the FSDP actor (strategy=fsdp)"),
 }
 
 
@@ -322,6 +320,21 @@ def _dp_size(config: Any, section: str, n_gpus: int, sp_key: str) -> tuple[int, 
             _fail(f"{section}.megatron.tensor_model_parallel_size",
                   f"tensor x pipeline x context parallel = {model_parallel} does not divide {n_gpus} devices",
                   "choose parallel sizes whose product divides nnodes*n_gpus_per_node")
+        # MoE experts are spread over the data-parallel ranks (megatron's expert grid): EP divides DP, DP is unchanged
+        ep = _int(config, f"{section}.megatron.expert_model_parallel_size", 1, minimum=1)
+        if (n_gpus // model_parallel) % ep:
+            _fail(
+                f"{section}.megatron.expert_model_parallel_size",
+                f"={ep} does not divide the data-parallel size {n_gpus // model_parallel} (devices / (tensor x "
+                "pipeline x context parallel)); the experts are spread over the data-parallel ranks",
+                f"set it to a divisor of {n_gpus // model_parallel}")
+        etp = cfg_select(config, f"{section}.megatron.expert_tensor_parallel_size", None)
+        tp = _int(config, f"{section}.megatron.tensor_model_parallel_size", 1, minimum=1)
+        if etp is not None and int(etp) != tp:
+            _fail(
+                f"{section}.megatron.expert_tensor_parallel_size",
+                f"={etp} differs from tensor_model_parallel_size={tp}; MoE experts are split over TP like the "
+                "dense MLP", "leave it null")
         return n_gpus // model_parallel, 1
     sp = _int(config, sp_key, 1, minimum=1)
     if n_gpus % sp:

@@ -1,7 +1,8 @@
 """Building blocks of the Megatron-core backend shared by the actor, critic, reference and reward roles.
 
 * :func:`init_megatron_parallel` -- ``parallel_state.initialize_model_parallel`` from a ``*.megatron`` config section
-  (tensor x pipeline x data; context/expert parallelism are checked and refused) and the model-parallel RNG seeds;
+  (tensor x pipeline x data, expert parallelism over the data-parallel ranks; context parallelism is refused) and
+  the model-parallel RNG seeds;
 * :func:`build_megatron_model` -- the ``GPTModel`` chunks of this rank (one per virtual-pipeline stage) for a
   Hugging Face config, loaded from the HF checkpoint through :mod:`verl.models.mcore` (only the tensors this rank
   holds are read), optionally with a one-output value head (critic, reward model), wrapped in megatron's
@@ -60,7 +61,8 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------- parallel state -----
 @dataclass(frozen=True)
 class MegatronParallelInfo:
-    """This rank's coordinates in megatron's ``tp x dp x pp`` grid."""
+    """This rank's coordinates in megatron's ``tp x dp x pp`` grid (and its expert-parallel rank: EP divides the
+    data-parallel ranks, each EP rank holding ``1 / ep_size`` of every MoE layer's experts)."""
 
     tp_rank: int
     tp_size: int
@@ -69,6 +71,8 @@ class MegatronParallelInfo:
     dp_rank: int
     dp_size: int
     vpp_size: Optional[int] = None
+    ep_rank: int = 0
+    ep_size: int = 1
 
     @property
     def is_last_stage(self) -> bool:
@@ -102,29 +106,40 @@ def init_megatron_parallel(megatron_cfg: Any, label: str) -> MegatronParallelInf
 
     apply_cpu_patches()
     tp, pp, vpp = _sizes(megatron_cfg)
-    for key in ("context_parallel_size", "expert_model_parallel_size"):
-        value = int(cfg_get(megatron_cfg, key, 1) or 1)
-        if value != 1:
-            raise NotImplementedError(f"{label}.{key}={value}: this Megatron backend supports dense models with "
-                                      f"tensor, pipeline and data parallelism only; set {label}.{key}=1")
+    cp = int(cfg_get(megatron_cfg, "context_parallel_size", 1) or 1)
+    if cp != 1:
+        raise NotImplementedError(f"{label}.context_parallel_size={cp}: this Megatron backend supports tensor, "
+                                  f"pipeline, data and expert parallelism; set {label}.context_parallel_size=1")
+    ep = int(cfg_get(megatron_cfg, "expert_model_parallel_size", 1) or 1)
+    etp = cfg_get(megatron_cfg, "expert_tensor_parallel_size")
+    if etp is not None and int(etp) != tp:
+        raise NotImplementedError(f"{label}.expert_tensor_parallel_size={etp}: experts are split over TP like the "
+                                  f"dense MLP; leave it null (= tensor_model_parallel_size={tp})")
     world = dist.get_world_size()
     if world % (tp * pp):
         raise ValueError(f"{label}.tensor_model_parallel_size={tp} x pipeline_model_parallel_size={pp} = {tp * pp} "
                          f"does not divide the {world} worker processes (trainer.nnodes x n_gpus_per_node); choose "
                          "sizes whose product divides it")
+    if (world // (tp * pp)) % ep:
+        raise ValueError(f"{label}.expert_model_parallel_size={ep} does not divide the data-parallel size "
+                         f"{world // (tp * pp)} (= {world} processes / (tensor x pipeline parallel)); experts are "
+                         "spread over the data-parallel ranks: choose a divisor of it")
     if vpp is not None and pp == 1:
         raise ValueError(f"{label}.virtual_pipeline_model_parallel_size={vpp} needs pipeline_model_parallel_size > 1; "
                          f"set {label}.virtual_pipeline_model_parallel_size=null")
     with device_scope():
         if mpu.model_parallel_is_initialized():
-            have = (mpu.get_tensor_model_parallel_world_size(), mpu.get_pipeline_model_parallel_world_size())
-            if have != (tp, pp):
-                raise ValueError(f"{label}: tensor/pipeline sizes {(tp, pp)} differ from those of another role in the "
-                                 f"same worker process {have}; colocated roles must share the Megatron layout")
+            have = (mpu.get_tensor_model_parallel_world_size(), mpu.get_pipeline_model_parallel_world_size(),
+                    mpu.get_expert_model_parallel_world_size())
+            if have != (tp, pp, ep):
+                raise ValueError(f"{label}: tensor/pipeline/expert sizes {(tp, pp, ep)} differ from those of another "
+                                 f"role in the same worker process {have}; colocated roles must share the Megatron "
+                                 "layout")
         else:
             mpu.initialize_model_parallel(tensor_model_parallel_size=tp,
                                           pipeline_model_parallel_size=pp,
-                                          virtual_pipeline_model_parallel_size=vpp)
+                                          virtual_pipeline_model_parallel_size=vpp,
+                                          expert_model_parallel_size=ep)
             tensor_parallel.model_parallel_cuda_manual_seed(int(cfg_get(megatron_cfg, "seed", 42) or 42))
     return get_parallel_info(vpp)
 
@@ -139,7 +154,9 @@ def get_parallel_info(vpp_size: Optional[int] = None) -> MegatronParallelInfo:
                                 pp_size=mpu.get_pipeline_model_parallel_world_size(),
                                 dp_rank=mpu.get_data_parallel_rank(),
                                 dp_size=mpu.get_data_parallel_world_size(),
-                                vpp_size=vpp_size)
+                                vpp_size=vpp_size,
+                                ep_rank=mpu.get_expert_model_parallel_rank(),
+                                ep_size=mpu.get_expert_model_parallel_world_size())
 
 
 def megatron_dtype(megatron_cfg: Any) -> torch.dtype:
@@ -231,8 +248,9 @@ def _transformer_config(hf_config: Any, megatron_cfg: Any, dtype: torch.dtype) -
 
     overrides = cfg_get(megatron_cfg, "override_transformer_config", {}) or {}
     parallel = {
-        k: cfg_get(megatron_cfg, k) for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                                             "virtual_pipeline_model_parallel_size", "sequence_parallel")
+        k: cfg_get(megatron_cfg, k)
+        for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+                  "expert_model_parallel_size", "expert_tensor_parallel_size", "sequence_parallel")
     }
     kwargs = hf_to_mcore_config(hf_config, dtype=dtype, parallel=parallel, override_transformer_config=overrides)
     if kwargs.get("sequence_parallel") and not _fused_norm_available():
@@ -309,6 +327,7 @@ def build_megatron_model(
         converter = get_weight_converter(hf_config, layout)
         pp_rank = mpu.get_pipeline_model_parallel_rank()
         tp_rank = mpu.get_tensor_model_parallel_rank()
+        ep_rank = mpu.get_expert_model_parallel_rank()
         weights = HFCheckpointWeights(model_path) if (load_weights and model_path) else None
         chunks = []
         for vp_stage in range(layout.num_chunks):
@@ -324,7 +343,7 @@ def build_megatron_model(
                                                float(tf_config.init_method_std))
             if weights is not None:
                 _load_chunk(model, converter, weights, tp_rank, pp_rank, vp_stage, value_head and post,
-                            head_weight_names)
+                            head_weight_names, ep_rank)
             model.to(get_device())
             chunks.append(model)
         if wrap_ddp:
@@ -333,10 +352,17 @@ def build_megatron_model(
 
 
 @torch.no_grad()
-def _load_chunk(model: torch.nn.Module, converter: Any, weights: Mapping, tp_rank: int, pp_rank: int, vp_stage: int,
-                has_value_head: bool, head_weight_names: tuple[str, ...]) -> None:
-    local = converter.mcore_param_names(pp_rank, vp_stage, local=True)
-    global_ = converter.mcore_param_names(pp_rank, vp_stage, local=False)
+def _load_chunk(model: torch.nn.Module,
+                converter: Any,
+                weights: Mapping,
+                tp_rank: int,
+                pp_rank: int,
+                vp_stage: int,
+                has_value_head: bool,
+                head_weight_names: tuple[str, ...],
+                ep_rank: int = 0) -> None:
+    local = converter.mcore_param_names(pp_rank, vp_stage, local=True, ep_rank=ep_rank)
+    global_ = converter.mcore_param_names(pp_rank, vp_stage, local=False, ep_rank=ep_rank)
     state = model.state_dict()
     missing = []
     for ln, gn in zip(local, global_):

@@ -91,8 +91,7 @@ def test_validate_config_uses_the_megatron_data_parallel_size():
         validate_config(bad, check_paths=False)
 
 
-@pytest.mark.parametrize("part,fix", [("context_parallel_size", "ulysses_sequence_parallel_size"),
-                                      ("expert_model_parallel_size", "strategy=fsdp")])
+@pytest.mark.parametrize("part,fix", [("context_parallel_size", "ulysses_sequence_parallel_size")])
 def test_unsupported_megatron_parallelism_is_refused_on_the_driver(part, fix):
     cfg = _compose(
         "ppo_megatron_trainer",
@@ -135,3 +134,23 @@ def test_preflight_requires_the_critic_to_share_the_actor_megatron_layout():
     OmegaConf.resolve(cfg)
     with pytest.raises(ConfigError, match=r"critic.megatron.tensor_model_parallel_size.*set critic.megatron"):
         main_ppo._preflight(cfg)
+
+
+def test_megatron_expert_parallelism_divides_the_data_parallel_ranks():
+    """EP > 1 (MoE) is accepted when it divides devices / (TP x PP); DP stays devices / (TP x PP)."""
+    ok = _compose(
+        "ppo_megatron_trainer", SMALL_RUN + [
+            "trainer.n_gpus_per_node=4", "trainer.device=cpu",
+            "actor_rollout_ref.actor.megatron.expert_model_parallel_size=2"
+        ])
+    OmegaConf.resolve(ok)
+    validate_config(ok, check_paths=False)
+    bad = _compose(
+        "ppo_megatron_trainer", SMALL_RUN + [
+            "trainer.n_gpus_per_node=4", "trainer.device=cpu",
+            "actor_rollout_ref.actor.megatron.tensor_model_parallel_size=2",
+            "actor_rollout_ref.actor.megatron.expert_model_parallel_size=4"
+        ])
+    OmegaConf.resolve(bad)
+    with pytest.raises(ConfigError, match=r"megatron.expert_model_parallel_size: =4 does not divide the data-parallel"):
+        validate_config(bad, check_paths=False)
