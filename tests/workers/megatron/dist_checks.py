@@ -179,6 +179,115 @@ def _report(what: str, value: float, tp: int, pp: int) -> None:
         print(f"[check_actor] tp={tp} pp={pp} world={dist.get_world_size()} {what}: {value:.3g}", flush=True)
 
 
+def _tiny_mixtral(out_dir: str) -> str:
+    """A tiny Mixtral (4 experts, top-2, 2 layers, hidden 64) saved by rank 0 as an HF checkpoint (no hub): the MoE
+    test model. Its router weights are drawn larger than the default init so that routing is decisive."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    path = os.path.join(out_dir, "tiny_mixtral")
+    if dist.get_rank() == 0 and not os.path.isfile(os.path.join(path, "config.json")):
+        config = MixtralConfig(vocab_size=256,
+                               hidden_size=64,
+                               intermediate_size=48,
+                               num_hidden_layers=2,
+                               num_attention_heads=4,
+                               num_key_value_heads=2,
+                               num_local_experts=4,
+                               num_experts_per_tok=2,
+                               max_position_embeddings=128,
+                               initializer_range=0.05,
+                               architectures=["MixtralForCausalLM"])
+        torch.manual_seed(0)
+        model = MixtralForCausalLM(config)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("mlp.gate.weight"):
+                    param.normal_(0.0, 0.5)
+        model.save_pretrained(path)
+    dist.barrier()
+    return path
+
+
+def check_moe_actor(tp: int, pp: int, ep: int, out_dir: str) -> None:
+    """Tiny Mixtral: Megatron's log-probs (MoE layers over ``ep`` expert-parallel ranks) equal the HF model's; one
+    PPO update matches one HF AdamW step; the hybrid engine streams the trained experts (gathered over EP) into an
+    HF rollout model (transformers' in-memory expert naming) whose log-probs equal the actor's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from verl.utils.megatron_utils import build_megatron_model, build_megatron_optimizer, init_megatron_parallel
+    from verl.workers.actor.megatron_actor import MegatronPPOActor
+    from verl.workers.sharding_manager.megatron_hf import MegatronHFShardingManager
+
+    if is_cuda_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(get_nccl_backend())
+    path = _tiny_mixtral(out_dir)
+    hf_config = AutoConfig.from_pretrained(path)
+    mcfg = _megatron_cfg(tp, pp, expert_model_parallel_size=ep)
+    info = init_megatron_parallel(mcfg, "actor_rollout_ref.actor.megatron")
+    assert info.ep_size == ep
+    chunks, tf_config, converter = build_megatron_model(hf_config, mcfg, path)
+    assert tf_config.num_moe_experts == 4 and converter.num_local_experts == 4 // ep
+    optim = {"lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999]}
+    optimizer = build_megatron_optimizer(chunks, optim, mcfg, grad_clip=1e9)
+    actor_cfg = OmegaConf.create({
+        "ppo_mini_batch_size": 8,
+        "ppo_micro_batch_size_per_gpu": 2,
+        "ppo_epochs": 1,
+        "clip_ratio": 0.2,
+        "loss_agg_mode": "token-mean",
+        "entropy_coeff": 0.0,
+        "use_kl_loss": False,
+        "policy_loss": {
+            "loss_mode": "vanilla"
+        },
+    })
+    actor = MegatronPPOActor(actor_cfg, hf_config, tf_config, chunks, optimizer)
+    data = _batch(hf_config.vocab_size)
+    data.meta_info.update({"micro_batch_size": 2, "temperature": 1.0})
+    lp, _ = actor.compute_log_prob(data)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        ref = _hf_log_probs(hf, data)
+    mask = data.batch["response_mask"].bool()
+    err = (lp - ref)[mask].abs().max().item()
+    _report(f"moe ep={ep}: log-prob max |megatron - HF|", err, tp, pp)
+    assert err < 2e-4, f"MoE megatron vs HF log-probs differ by {err}"
+
+    data.batch["old_log_probs"] = lp.clone()
+    metrics = actor.update_policy(data)
+    assert metrics["actor/skipped_steps"] == [0.0]
+    lp_after, _ = actor.compute_log_prob(data)
+
+    from verl.trainer.ppo import core_algos
+
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-3, weight_decay=0.0)
+    new_lp = _hf_log_probs(hf, data)
+    loss, _ = core_algos.get_policy_loss_fn("vanilla")(old_log_prob=lp.clone(),
+                                                       log_prob=new_lp,
+                                                       advantages=data.batch["advantages"],
+                                                       response_mask=mask.float(),
+                                                       loss_agg_mode="token-mean",
+                                                       config=actor_cfg)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        hf_after = _hf_log_probs(hf, data)
+    moved = (lp_after - lp)[mask].abs().max().item()
+    assert moved > 1e-4, "the update did not change the policy"
+    err = (lp_after - hf_after)[mask].abs().max().item()
+    _report(f"moe ep={ep}: after one update (moved {moved:.3g}): log-prob max |megatron - HF AdamW|", err, tp, pp)
+    assert err < 5e-3 * max(1.0, moved), f"after one step megatron vs HF differ by {err} (moved {moved})"
+
+    rollout = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).to(get_device())
+    with MegatronHFShardingManager(chunks, converter, inference_module=rollout):
+        with torch.no_grad():
+            synced = _hf_log_probs(rollout, data.to(get_device())).cpu()
+    err = (lp_after - synced)[mask].abs().max().item()
+    _report(f"moe ep={ep}: after the update: log-prob max |megatron actor - synced HF rollout|", err, tp, pp)
+    assert err < 2e-4, f"the rollout's log-probs differ from the trained actor's by {err}"
+
+
 def check_critic(tp: int, pp: int) -> None:
     """The value head gives finite values; an update lowers the value loss on the same batch."""
     from verl.utils.megatron_utils import build_megatron_model, build_megatron_optimizer
@@ -467,7 +576,10 @@ def check_engine_mock(tp: int, pp: int) -> None:
 
 def main() -> None:
     check, tp, pp, out_dir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    if check == "actor":
+    ep = int(sys.argv[5]) if len(sys.argv) > 5 else 1
+    if check == "moe_actor":
+        check_moe_actor(tp, pp, ep, out_dir)
+    elif check == "actor":
         check_actor(tp, pp)
     elif check == "critic":
         check_critic(tp, pp)

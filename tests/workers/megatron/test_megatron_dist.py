@@ -32,7 +32,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run(check: str, tp: int, pp: int, tmp_path, nproc: int = NPROC) -> None:
+def _run(check: str, tp: int, pp: int, tmp_path, nproc: int = NPROC, ep: int = 1) -> None:
     if nproc > 1 and _gpus() == 1:
         pytest.skip(f"{nproc} ranks need {nproc} GPUs (NCCL refuses two ranks on one device); this machine has 1")
     env = dict(os.environ)
@@ -42,11 +42,12 @@ def _run(check: str, tp: int, pp: int, tmp_path, nproc: int = NPROC) -> None:
         os.path.join(HERE, "dist_checks.py"), check,
         str(tp),
         str(pp),
-        str(tmp_path)
+        str(tmp_path),
+        str(ep)
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=str(tmp_path))
     log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{check} tp={tp} pp={pp} failed:\n{log[-6000:]}"
+    assert proc.returncode == 0, f"{check} tp={tp} pp={pp} ep={ep} failed:\n{log[-6000:]}"
     for rank in range(nproc):
         assert (tmp_path / f"ok-{check}-{rank}").is_file(), log[-3000:]
 
@@ -86,3 +87,11 @@ def test_dist_checkpoint_from_pp2_resumes_its_weights_with_tp2(tmp_path):
     """Saved with PP=2, resumed with TP=2: the weights re-shard; the optimizer state cannot, and says so."""
     _run("reshard_save", 1, 2, tmp_path)
     _run("reshard_load", 2, 1, tmp_path)
+
+
+@pytest.mark.parametrize("nproc,ep", [(1, 1), (2, 2)], ids=["ep1", "ep2"])
+def test_moe_actor_log_probs_update_and_sync_match_hf(nproc, ep, tmp_path):
+    """A tiny Mixtral: log-probs equal HF's, one PPO update equals an HF AdamW step, and the synced HF rollout (its
+    fused in-memory experts, gathered over the expert-parallel group) gives the actor's log-probs; EP=2 spreads the
+    4 experts over the 2 data-parallel ranks."""
+    _run("moe_actor", 1, 1, tmp_path, nproc=nproc, ep=ep)

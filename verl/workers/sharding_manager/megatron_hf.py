@@ -3,9 +3,11 @@
 :meth:`MegatronHFShardingManager.iter_hf_weights` is an engine-agnostic generator of ``(hf_name, full tensor)``: it
 walks the model in a fixed order that every rank agrees on (pipeline stage, virtual chunk, parameter -- the order of
 :meth:`DenseDecoderWeightConverter.mcore_param_names`); for each Megatron parameter the owning stage all-gathers its
-TP shards (only when the parameter is split over TP), broadcasts the gathered shards to the other stages of its
+TP shards (only when the parameter is split over TP), for an MoE expert also all-gathers local expert ``k`` of every
+expert-parallel rank (so all experts reach every rank), broadcasts the gathered shards to the other stages of its
 pipeline group, and every rank converts them to Hugging Face names and layouts (fused QKV -> q/k/v, gate/up, padded
-vocabulary). :meth:`iter_weight_buckets` groups that stream into lists of at most ``bucket_bytes`` (a larger tensor is
+vocabulary; Mixtral's experts in checkpoint naming, which the HF rollout's loader places into transformers' fused
+in-memory expert tensors). :meth:`iter_weight_buckets` groups that stream into lists of at most ``bucket_bytes`` (a larger tensor is
 a list of its own), so no more than one bucket of gathered weights is alive besides what the consumer keeps.
 
 The generator is :class:`MegatronWeightGenerator`; its consumers are the hybrid engines of the rollout backends:
@@ -47,12 +49,17 @@ def _rss_bytes() -> int:
 
 class HFModuleWeightLoader:
     """Copies buckets of ``(hf_name, tensor)`` into an HF model's parameters/buffers of the same names;
-    :meth:`finish` raises if names were unknown, shapes differed or parameters were never written."""
+    :meth:`finish` raises if names were unknown, shapes differed or parameters were never written.
 
-    def __init__(self, module: nn.Module) -> None:
+    ``target_fn(hf_name) -> (parameter name, index) | None`` places a tensor whose checkpoint name the module does not
+    have into ``parameter[index]``: how a transformers-5 Mixtral, which keeps its experts fused in memory, takes the
+    per-expert tensors the generator streams (the converter's ``hf_module_target``)."""
+
+    def __init__(self, module: nn.Module, target_fn: Optional[Callable[[str], Any]] = None) -> None:
         self.module = module
         self.targets = dict(module.named_parameters(remove_duplicate=False))
         self.targets.update(dict(module.named_buffers(remove_duplicate=False)))
+        self.target_fn = target_fn
         self.reset()
 
     def reset(self) -> None:
@@ -64,6 +71,12 @@ class HFModuleWeightLoader:
     def __call__(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
         for name, tensor in bucket:
             target = self.targets.get(name)
+            if target is None and self.target_fn is not None:
+                where = self.target_fn(name)
+                if where is not None and where[0] in self.targets:
+                    target = self.targets[where[0]]
+                    self.written.add(id(target))  # a slice of it (every slice comes from the same stream)
+                    target = target.data[where[1]]
             if target is None:
                 self.unexpected.append(name)
                 continue
@@ -173,6 +186,9 @@ class MegatronWeightGenerator:
         pp_ranks = dist.get_process_group_ranks(pp_group) if pp_size > 1 else [dist.get_rank()]
         comm_device = get_device() if is_cuda_available() else torch.device("cpu")
         tied = conv.dims.tie_word_embeddings
+        ep_size = conv.layout.ep_size
+        ep_group = mpu.get_expert_model_parallel_group() if ep_size > 1 else None
+        etp_group = mpu.get_expert_tensor_parallel_group() if conv.num_experts and tp_size > 1 else None
         for pp_rank in range(conv.layout.pp_size):
             for vp_stage in range(conv.layout.num_chunks):
                 local = conv.mcore_param_names(pp_rank, vp_stage, local=True)
@@ -181,29 +197,40 @@ class MegatronWeightGenerator:
                     if gn == "output_layer.weight" and tied:
                         continue  # the tied copy of the embedding
                     shape, dtype = meta[(pp_rank, vp_stage, ln)]
+                    expert = conv.is_expert_param(gn)
                     split = conv.tp_split_dim(gn) is not None and tp_size > 1
                     count = tp_size if split else 1
-                    shards = None
+                    ep_count = ep_size if expert else 1
+                    shards = None  # [ep rank][tp rank]: one expert of every EP rank, or one replicated parameter
                     if pp_rank == my_pp:
-                        tensor = params[vp_stage][ln].detach().to(comm_device)
+                        tensor = params[vp_stage][ln].detach().to(comm_device).contiguous()
                         if split:
-                            shards = [torch.empty_like(tensor) for _ in range(tp_size)]
-                            dist.all_gather(shards, tensor.contiguous(), group=tp_group)
+                            tp_shards = [torch.empty_like(tensor) for _ in range(tp_size)]
+                            dist.all_gather(tp_shards, tensor, group=etp_group if expert else tp_group)
                         else:
-                            shards = [tensor]
+                            tp_shards = [tensor]
+                        if ep_count > 1:  # expert k of each EP rank: all-gather over the expert-parallel group
+                            mine = torch.stack(tp_shards).contiguous()
+                            gathered = [torch.empty_like(mine) for _ in range(ep_count)]
+                            dist.all_gather(gathered, mine, group=ep_group)
+                            shards = [list(g.unbind(0)) for g in gathered]
+                        else:
+                            shards = [tp_shards]
                     if pp_size > 1:
                         if pp_rank == my_pp:
-                            stacked = torch.stack(shards).contiguous()
+                            stacked = torch.stack([torch.stack(s) for s in shards]).contiguous()
                         else:
-                            stacked = torch.empty((count, *shape), dtype=dtype, device=comm_device)
+                            stacked = torch.empty((ep_count, count, *shape), dtype=dtype, device=comm_device)
                         dist.broadcast(stacked, src=pp_ranks[pp_rank], group=pp_group)
-                        shards = list(stacked.unbind(0))
-                    for name, full in conv.mcore_to_hf_param(gn, shards):
-                        if self.dtype is not None and full.is_floating_point():
-                            full = full.to(self.dtype)
-                        yield name, full.contiguous()
-                        if tied and self.tied_output and gn == "embedding.word_embeddings.weight":
-                            yield "lm_head.weight", full.contiguous()
+                        shards = [list(s.unbind(0)) for s in stacked.unbind(0)]
+                    for ep_rank in range(ep_count):
+                        name_g = conv.to_global_name(ln, pp_rank, vp_stage, ep_rank) if expert else gn
+                        for name, full in conv.mcore_to_hf_param(name_g, shards[ep_rank]):
+                            if self.dtype is not None and full.is_floating_point():
+                                full = full.to(self.dtype)
+                            yield name, full.contiguous()
+                            if tied and self.tied_output and gn == "embedding.word_embeddings.weight":
+                                yield "lm_head.weight", full.contiguous()
 
     def iter_weight_buckets(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """:meth:`iter_hf_weights` in lists of at most ``bucket_bytes``. Each step runs in megatron's CPU device
@@ -309,7 +336,8 @@ class MegatronHFShardingManager(BaseShardingManager):
         self.actor_module = self.generator.actor_module
         self.converter = converter
         self.inference_module = inference_module
-        self.loader = HFModuleWeightLoader(inference_module) if inference_module is not None else None
+        target_fn = getattr(converter, "hf_module_target", None)
+        self.loader = HFModuleWeightLoader(inference_module, target_fn) if inference_module is not None else None
         self.load_weights_fn = load_weights_fn or self.loader
         self.bucket_bytes = self.generator.bucket_bytes
         self.dtype = dtype
