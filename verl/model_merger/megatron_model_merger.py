@@ -16,7 +16,12 @@ sharding-free parameter:
 * the layer norms carry Transformer Engine's names (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_weight``)
   with either layer spec (megatron's local spec maps its ``input_layernorm`` / ``pre_mlp_layernorm`` to them on save);
   the local names are accepted too;
-* a tied output layer on the last pipeline stage is saved as a replica of the embedding (no key of its own).
+* a tied output layer on the last pipeline stage is saved as a replica of the embedding (no key of its own);
+* MoE experts (megatron's ``SequentialMLP``) are saved under their *global* expert index, whatever the expert-parallel
+  size: ``decoder.layers.mlp.experts.experts.<name>`` of shape ``(num_layers, num_experts, *param_shape)`` (or, with
+  ``singleton_local_shards``, ``...experts.experts.<e>.<name>``); an MoE layer's ``pre_mlp_layernorm`` is saved as
+  ``mlp.linear_fc1.layer_norm_weight`` like the dense one. :func:`expand_experts` turns them back into the names
+  of a one-rank model (``mlp.experts.local_experts.<e>.<name>``, ``pre_mlp_layernorm.weight``).
 
 The merger reads only the model's keys (not the optimizer's), rebuilds the state dict of a TP=1 / PP=1 model and
 hands it to the architecture's weight converter from :mod:`verl.models.mcore` with ``McoreLayout()`` (one rank), which
@@ -36,11 +41,16 @@ import torch
 from verl.model_merger.base_model_merger import BaseModelMerger
 from verl.utils.checkpoint.megatron_checkpoint_manager import DIST_SUBDIR, META_FILE
 
-__all__ = ["MegatronModelMerger", "load_megatron_model_tensors", "merge_megatron_checkpoint", "unstack_layers"]
+__all__ = [
+    "MegatronModelMerger", "expand_experts", "load_megatron_model_tensors", "merge_megatron_checkpoint",
+    "unstack_layers"
+]
 
 _MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 _LAYER_KEY_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _STACKED_PREFIX = "decoder.layers."
+_EXPERTS_KEY_RE = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.)experts\.(?:(\d+)\.)?(.+)$")
+_MOE_NORM_RE = re.compile(r"^(decoder\.layers\.\d+\.)mlp\.linear_fc1\.layer_norm_weight$")
 
 
 def _expected_files_message(local_dir: str) -> str:
@@ -136,6 +146,30 @@ def unstack_layers(tensors: dict[str, torch.Tensor], num_layers: int) -> dict[st
     return out
 
 
+def expand_experts(state: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
+    """Per-layer MoE keys of a dist checkpoint -> a one-rank MoE model's names: the expert-stacked
+    ``...mlp.experts.experts.<name>`` (``(num_experts, *shape)``) or singleton ``...experts.experts.<e>.<name>`` become
+    ``...mlp.experts.local_experts.<e>.<name>``; the MoE layer's norm ``mlp.linear_fc1.layer_norm_weight`` becomes
+    ``pre_mlp_layernorm.weight`` (an MoE layer has no ``linear_fc1`` of its own)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        match = _EXPERTS_KEY_RE.match(key)
+        if match:
+            prefix, expert, rest = match.groups()
+            if expert is not None:
+                out[f"{prefix}local_experts.{expert}.{rest}"] = tensor
+                continue
+            if tensor.shape[0] != num_experts:
+                raise ValueError(f"{key} holds {tensor.shape[0]} experts but the HF config has {num_experts}; pass "
+                                 "the config of the trained model with --hf_model_config_path")
+            for e in range(num_experts):
+                out[f"{prefix}local_experts.{e}.{rest}"] = tensor[e]
+            continue
+        norm = _MOE_NORM_RE.match(key)
+        out[f"{norm.group(1)}pre_mlp_layernorm.weight" if norm else key] = tensor
+    return out
+
+
 class MegatronModelMerger(BaseModelMerger):
     """``python -m verl.model_merger merge --backend megatron --local_dir .../actor --target_dir OUT``."""
 
@@ -172,6 +206,8 @@ class MegatronModelMerger(BaseModelMerger):
             converter = get_weight_converter(hf_config, McoreLayout(fused_layernorm=fused))
         except ValueError as exc:
             raise ValueError(f"{self.config.hf_model_config_path}/config.json: {exc}") from None
+        if converter.num_experts:
+            state = expand_experts(state, converter.num_experts)
         if converter.dims.tie_word_embeddings:
             state.pop("output_layer.weight", None)  # a tied copy, if one was written, is the embedding
         try:
@@ -181,22 +217,26 @@ class MegatronModelMerger(BaseModelMerger):
             raise ValueError(f"the dist checkpoint in {ckpt_dir} does not fit the model of "
                              f"{self.config.hf_model_config_path}/config.json ({msg}); pass the config of the trained "
                              "model with --hf_model_config_path") from None
-        self._check_shapes(merged, hf_config)
+        merged = self._check_shapes(merged, hf_config, converter)
         return {name: tensor.contiguous() for name, tensor in merged.items()}
 
-    def _check_shapes(self, merged: dict[str, torch.Tensor], hf_config: Any) -> None:
+    def _check_shapes(self, merged: dict[str, torch.Tensor], hf_config: Any, converter: Any) -> dict[str, torch.Tensor]:
         """Compare with the model the config describes (built on the meta device), so that a config of another size
-        gives an error naming the tensor instead of a failure inside ``load_state_dict``."""
+        gives an error naming the tensor instead of a failure inside ``load_state_dict``. Returns the state dict in
+        that model's parameter naming (transformers 5 keeps Mixtral's experts fused in memory, and saves them back
+        in the checkpoint naming)."""
         from verl.utils.checkpoint.hf_checkpoint import build_hf_model_on_meta
 
         model = build_hf_model_on_meta(hf_config, trust_remote_code=self.config.trust_remote_code)
         expected = dict(model.named_parameters())
+        merged = converter.hf_state_dict_for_module(merged, set(expected))
         for name, tensor in merged.items():
             want = expected.get(name)
             if want is not None and tuple(want.shape) != tuple(tensor.shape):
                 raise ValueError(f"merged {name} has shape {tuple(tensor.shape)} but {self.config.hf_model_config_path}"
                                  f"/config.json describes {tuple(want.shape)}; pass the config of the trained model "
                                  "with --hf_model_config_path")
+        return merged
 
 
 def merge_megatron_checkpoint(local_dir: str, target_dir: str, hf_model_config_path: Optional[str] = None) -> str:

@@ -288,6 +288,67 @@ def check_moe_actor(tp: int, pp: int, ep: int, out_dir: str) -> None:
     assert err < 2e-4, f"the rollout's log-probs differ from the trained actor's by {err}"
 
 
+def check_moe_checkpoint(tp: int, pp: int, ep: int, out_dir: str) -> None:
+    """Tiny Mixtral over ``ep`` expert-parallel ranks: the dist checkpoint (experts saved under their global index)
+    resumes and replays the next update exactly; its HF export and the offline merger both give the saved policy."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from verl.model_merger.megatron_model_merger import merge_megatron_checkpoint
+    from verl.utils.checkpoint.megatron_checkpoint_manager import MegatronCheckpointManager
+    from verl.utils.megatron_utils import (MegatronLRScheduler, build_megatron_model, build_megatron_optimizer,
+                                           init_megatron_parallel)
+    from verl.workers.actor.megatron_actor import MegatronPPOActor
+
+    dist.init_process_group(get_nccl_backend())
+    path = _tiny_mixtral(out_dir)
+    hf_config = AutoConfig.from_pretrained(path)
+    mcfg = _megatron_cfg(tp, pp, expert_model_parallel_size=ep)
+    init_megatron_parallel(mcfg, "actor_rollout_ref.actor.megatron")
+    optim = {"lr": 1e-3, "weight_decay": 0.01}
+    actor_cfg = OmegaConf.create({"ppo_mini_batch_size": 8, "ppo_micro_batch_size_per_gpu": 4, "clip_ratio": 0.2})
+    contents = ["model", "optimizer", "extra", "hf_model"]
+
+    def build():
+        chunks, tf_config, converter = build_megatron_model(hf_config, mcfg, path)
+        optimizer = build_megatron_optimizer(chunks, optim, mcfg, grad_clip=1.0)
+        scheduler = MegatronLRScheduler(optimizer, optim)
+        manager = MegatronCheckpointManager(chunks,
+                                            optimizer,
+                                            scheduler,
+                                            converter=converter,
+                                            hf_config=hf_config,
+                                            checkpoint_config={
+                                                "save_contents": contents,
+                                                "load_contents": contents
+                                            })
+        return MegatronPPOActor(actor_cfg, hf_config, tf_config, chunks, optimizer), manager
+
+    data = _batch(hf_config.vocab_size)
+    data.meta_info["micro_batch_size"] = 4
+    actor, manager = build()
+    actor.update_policy(data)
+    ckpt = os.path.join(out_dir, "global_step_1", "actor")
+    manager.save_checkpoint(ckpt, global_step=1)
+    saved_lp, _ = actor.compute_log_prob(data)
+    actor.update_policy(data)
+    next_lp, _ = actor.compute_log_prob(data)
+
+    resumed, resumed_manager = build()
+    resumed_manager.load_checkpoint(ckpt)
+    assert (resumed.compute_log_prob(data)[0] - saved_lp).abs().max() < 1e-6
+    resumed.update_policy(data)
+    replay = (resumed.compute_log_prob(data)[0] - next_lp).abs().max().item()
+    assert replay < 1e-6, replay
+    if dist.get_rank() == 0:
+        mask = data.batch["response_mask"].bool()
+        merged = merge_megatron_checkpoint(ckpt, os.path.join(out_dir, "merged"))
+        for hf_dir in (os.path.join(ckpt, "huggingface"), merged):
+            hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+            with torch.no_grad():
+                err = (_hf_log_probs(hf, data) - saved_lp)[mask].abs().max().item()
+            assert err < 2e-4, (hf_dir, err)
+
+
 def check_critic(tp: int, pp: int) -> None:
     """The value head gives finite values; an update lowers the value loss on the same batch."""
     from verl.utils.megatron_utils import build_megatron_model, build_megatron_optimizer
@@ -579,6 +640,8 @@ def main() -> None:
     ep = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     if check == "moe_actor":
         check_moe_actor(tp, pp, ep, out_dir)
+    elif check == "moe_checkpoint":
+        check_moe_checkpoint(tp, pp, ep, out_dir)
     elif check == "actor":
         check_actor(tp, pp)
     elif check == "critic":

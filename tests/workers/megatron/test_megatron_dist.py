@@ -95,3 +95,9 @@ def test_moe_actor_log_probs_update_and_sync_match_hf(nproc, ep, tmp_path):
     fused in-memory experts, gathered over the expert-parallel group) gives the actor's log-probs; EP=2 spreads the
     4 experts over the 2 data-parallel ranks."""
     _run("moe_actor", 1, 1, tmp_path, nproc=nproc, ep=ep)
+
+
+def test_moe_dist_checkpoint_with_ep2_resumes_and_merges_to_hf(tmp_path):
+    """Experts saved under their global index by 2 EP ranks: resume replays the next update exactly; the HF export
+    and the offline merger (``verl.model_merger``, no process group) load in transformers with the saved policy."""
+    _run("moe_checkpoint", 1, 1, tmp_path, ep=2)

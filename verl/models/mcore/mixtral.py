@@ -164,6 +164,14 @@ class MixtralWeightConverter(DenseDecoderWeightConverter):
             used.update({prefix + "gate.weight", prefix + "experts.gate_up_proj", prefix + "experts.down_proj"})
         return used
 
+    def hf_state_dict_for_module(self, hf_state_dict: dict[str, torch.Tensor],
+                                 module_names: set[str]) -> dict[str, torch.Tensor]:
+        """The in-memory naming (:func:`mixtral_to_in_memory_names`) when the module has fused experts
+        (transformers >= 5), else the checkpoint naming unchanged (transformers 4)."""
+        if any(_MEM_EXPERTS_RE.match(name) for name in module_names):
+            return mixtral_to_in_memory_names(hf_state_dict)
+        return hf_state_dict
+
     def hf_module_target(self, hf_name: str) -> Optional[tuple[str, tuple]]:
         """:func:`mixtral_module_target` for this model's expert size."""
         return mixtral_module_target(hf_name, self.dims.ffn_hidden_size)

@@ -500,6 +500,12 @@ class DenseDecoderWeightConverter:
         whose parameter names differ: ``(parameter name, index)``; None when the names agree (dense models)."""
         return None
 
+    def hf_state_dict_for_module(self, hf_state_dict: dict[str, torch.Tensor],
+                                 module_names: set[str]) -> dict[str, torch.Tensor]:
+        """``hf_state_dict`` (this converter's HF naming) renamed for an HF model whose parameter names are
+        ``module_names``, for ``load_state_dict``; unchanged when the namings agree (dense models)."""
+        return hf_state_dict
+
     def _hf_names_used(self) -> set[str]:
         """Names of an HF state dict that this converter reads (for ``strict``)."""
         return {hf for rule in self._rules.values() for hf in rule.hf}

@@ -188,7 +188,8 @@ class MegatronCheckpointManager(BaseCheckpointManager):
                 lay = self.converter.layout
                 meta.update(tensor_model_parallel_size=lay.tp_size,
                             pipeline_model_parallel_size=lay.pp_size,
-                            virtual_pipeline_model_parallel_size=lay.vpp_size)
+                            virtual_pipeline_model_parallel_size=lay.vpp_size,
+                            expert_model_parallel_size=lay.ep_size)
             with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
                 json.dump(meta, f, indent=1)
         _barrier()
@@ -219,12 +220,13 @@ class MegatronCheckpointManager(BaseCheckpointManager):
             meta = json.load(f)
         lay = self.converter.layout
         keys = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size")
-        saved = tuple(meta.get(k) for k in keys)
-        if saved[0] is None or saved == (lay.tp_size, lay.pp_size, lay.vpp_size):
+        saved = tuple(meta.get(k) for k in keys) + (meta.get("expert_model_parallel_size", 1),)
+        if saved[0] is None or saved == (lay.tp_size, lay.pp_size, lay.vpp_size, lay.ep_size):
             return
         raise ValueError(
-            f"checkpoint {local_path!r} was written with (tensor, pipeline, virtual pipeline) parallel sizes {saved}, "
-            f"this run has {(lay.tp_size, lay.pp_size, lay.vpp_size)}: the distributed optimizer's state loads only "
+            f"checkpoint {local_path!r} was written with (tensor, pipeline, virtual pipeline, expert) parallel sizes "
+            f"{saved}, this run has {(lay.tp_size, lay.pp_size, lay.vpp_size, lay.ep_size)}: the distributed "
+            "optimizer's state loads only "
             "with the sizes of the save (the data-parallel size may differ). Resume with those sizes, or resume the "
             "weights alone with a fresh optimizer: checkpoint.load_contents=[model] for this role "
             "(actor_rollout_ref.actor.checkpoint.load_contents / critic.checkpoint.load_contents)")
