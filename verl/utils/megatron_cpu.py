@@ -7,7 +7,10 @@ CUDA (``verl.utils.device.is_cuda_available()`` is False) this module
 * :func:`apply_cpu_patches` (once per process): ``torch.cuda.current_device`` returns ``"cpu"`` (megatron passes it
   as a ``device=`` argument), ``torch.cuda.synchronize`` / ``empty_cache`` / ``manual_seed`` do nothing,
   ``torch.cuda.get_rng_state`` is the CPU generator's, and the RNG tracker of ``megatron.core.tensor_parallel.random``
-  forks the CPU generator instead of the CUDA one (dropout in TP regions stays reproducible per TP rank);
+  forks the CPU generator instead of the CUDA one (dropout in TP regions stays reproducible per TP rank); the
+  CUDA stream calls of the MoE all-to-all token dispatcher (``torch.cuda.current_stream`` / ``torch.cuda.stream``
+  and its device-to-host side stream) get one stand-in CPU stream whose events are always complete, so that
+  dispatcher runs over gloo as on GPUs;
 * :func:`device_scope` (a context manager, per call): a ``TorchFunctionMode`` that turns ``device="cuda"`` /
   ``Tensor.cuda()`` / ``.to("cuda")`` into the CPU and makes ``Tensor.type()`` report ``torch.cuda.*Tensor`` names,
   which megatron's optimizers check before accepting a parameter.
@@ -63,6 +66,38 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _CpuEvent:
+    """A completed event: CPU work is synchronous."""
+
+    def synchronize(self) -> None:
+        return None
+
+    def wait(self, stream: Any = None) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+
+class _CpuStream:
+    """The one stream of CPU execution (stands in for ``torch.cuda.Stream`` in megatron's MoE dispatcher)."""
+
+    def wait_stream(self, stream: Any) -> None:
+        return None
+
+    def wait_event(self, event: Any) -> None:
+        return None
+
+    def record_event(self, event: Any = None) -> _CpuEvent:
+        return _CpuEvent()
+
+    def synchronize(self) -> None:
+        return None
+
+
+_CPU_STREAM = _CpuStream()
+
+
 def apply_cpu_patches() -> bool:
     """Patch the CUDA-only calls megatron-core makes (no-op with CUDA, idempotent). Returns whether patched."""
     global _APPLIED
@@ -81,6 +116,21 @@ def apply_cpu_patches() -> bool:
         torch.cuda.set_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
         mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
         mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+        torch.cuda.current_stream = lambda *args, **kwargs: _CPU_STREAM
+        torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+        from megatron.core.transformer.moe import token_dispatcher
+
+        token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _CPU_STREAM  # else a torch.cuda.Stream
+        to_host = token_dispatcher.maybe_move_tensor_to_cpu
+
+        def _to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+            # the split sizes reach all_to_all_single as numpy arrays after the device-to-host copy; on CPU there is
+            # no copy, so make the same conversion here
+            if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+                return tensor.numpy()
+            return to_host(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+        token_dispatcher.maybe_move_tensor_to_cpu = _to_host
         _APPLIED = True
     return True
 

@@ -138,6 +138,7 @@ def test_config_reproduces_hf_routing_and_refuses_what_megatron_cannot_express()
     assert kwargs["num_moe_experts"] == 4 and kwargs["moe_router_topk"] == 2 and kwargs["moe_ffn_hidden_size"] == 32
     assert kwargs["moe_router_score_function"] == "softmax" and kwargs["moe_router_pre_softmax"] is False
     assert kwargs["moe_grouped_gemm"] is False and kwargs["expert_model_parallel_size"] == 2
+    assert kwargs["moe_token_dispatcher_type"] == "alltoall" and kwargs["variable_seq_lengths"] is True
     # HF adds the aux loss only with output_router_logits
     assert kwargs["moe_aux_loss_coeff"] == 0.0 and kwargs["moe_router_load_balancing_type"] == "none"
     aux = hf_to_mcore_config(_config(output_router_logits=True, router_aux_loss_coef=0.02))

@@ -89,12 +89,13 @@ def test_dist_checkpoint_from_pp2_resumes_its_weights_with_tp2(tmp_path):
     _run("reshard_load", 2, 1, tmp_path)
 
 
-@pytest.mark.parametrize("nproc,ep", [(1, 1), (2, 2)], ids=["ep1", "ep2"])
-def test_moe_actor_log_probs_update_and_sync_match_hf(nproc, ep, tmp_path):
-    """A tiny Mixtral: log-probs equal HF's, one PPO update equals an HF AdamW step, and the synced HF rollout (its
-    fused in-memory experts, gathered over the expert-parallel group) gives the actor's log-probs; EP=2 spreads the
-    4 experts over the 2 data-parallel ranks."""
-    _run("moe_actor", 1, 1, tmp_path, nproc=nproc, ep=ep)
+@pytest.mark.parametrize("nproc,pp,ep", [(1, 1, 1), (2, 1, 2), (2, 2, 1)], ids=["ep1", "ep2", "pp2"])
+def test_moe_actor_log_probs_update_and_sync_match_hf(nproc, pp, ep, tmp_path):
+    """A tiny Mixtral: log-probs equal HF's (also with dynamic batch sizes, whose micro-batches differ between the
+    ranks), one PPO update equals an HF AdamW step, and the synced HF rollout (its fused in-memory experts, gathered
+    over the expert-parallel group) gives the actor's log-probs; EP=2 spreads the 4 experts over the 2 data-parallel
+    ranks (all-to-all token dispatch over gloo)."""
+    _run("moe_actor", 1, pp, tmp_path, nproc=nproc, ep=ep)
 
 
 def test_moe_dist_checkpoint_with_ep2_resumes_and_merges_to_hf(tmp_path):

@@ -4,7 +4,7 @@ Everything but :func:`build_gpt_model` / :func:`make_transformer_config` is pure
 megatron-core (tested on CPU). See :mod:`verl.models.mcore.weight_converter` for the names and layouts.
 """
 from verl.models.mcore.config_converter import (ParallelSizes, hf_to_gpt_model_kwargs, hf_to_mcore_config_dense,
-                                                hf_to_mcore_config_mixtral, moe_token_dispatcher, rope_kwargs)
+                                                hf_to_mcore_config_mixtral, rope_kwargs)
 from verl.models.mcore.mixtral import (MixtralWeightConverter, mixtral_module_target, mixtral_to_checkpoint_names,
                                        mixtral_to_in_memory_names)
 from verl.models.mcore.model_initializer import (MEGATRON_INSTALL_HINT, build_gpt_model, get_gpt_layer_spec,
@@ -48,7 +48,6 @@ __all__ = [
     "mixtral_module_target",
     "mixtral_to_checkpoint_names",
     "mixtral_to_in_memory_names",
-    "moe_token_dispatcher",
     "per_tensor_generator",
     "register_mcore_model",
     "rope_kwargs",

@@ -17,7 +17,6 @@ __all__ = [
     "ParallelSizes",
     "hf_to_mcore_config_dense",
     "hf_to_mcore_config_mixtral",
-    "moe_token_dispatcher",
     "hf_to_gpt_model_kwargs",
     "rope_kwargs",
 ]
@@ -187,20 +186,6 @@ def hf_to_gpt_model_kwargs(hf_config: Any, layout: Optional[McoreLayout] = None)
     return out
 
 
-def moe_token_dispatcher(on_cuda: Optional[bool] = None) -> dict[str, Any]:
-    """``TransformerConfig`` kwargs of the MoE token dispatcher: ``alltoall`` on CUDA (uneven token counts per rank,
-    so ``variable_seq_lengths`` stays on for pipeline micro-batches of different shapes); ``allgather`` without CUDA,
-    since megatron-core's all-to-all dispatcher creates a ``torch.cuda.Stream``. The all-gather dispatcher refuses
-    ``variable_seq_lengths`` and needs the same micro-batch shape on every rank of the expert-parallel group."""
-    if on_cuda is None:
-        from verl.utils.device import is_cuda_available
-
-        on_cuda = is_cuda_available()
-    if on_cuda:
-        return {"moe_token_dispatcher_type": "alltoall", "variable_seq_lengths": True}
-    return {"moe_token_dispatcher_type": "allgather", "variable_seq_lengths": False}
-
-
 def hf_to_mcore_config_mixtral(hf_config: Any,
                                dtype: Any = torch.bfloat16,
                                parallel: Optional[Mapping[str, Any]] = None,
@@ -212,7 +197,8 @@ def hf_to_mcore_config_mixtral(hf_config: Any,
 
     Routing equals HF Mixtral's (softmax over all experts, top-k, renormalised over the k): megatron's softmax router
     with ``moe_router_pre_softmax=False`` takes the top-k logits and softmaxes over those k, the same probabilities.
-    The router runs in fp32 (HF's softmax does). The auxiliary load-balancing loss is on only where HF's model adds
+    The router runs in fp32 (HF's softmax does); tokens reach the experts of other EP ranks through megatron's
+    all-to-all dispatcher. The auxiliary load-balancing loss is on only where HF's model adds
     it to its loss (``output_router_logits=True``): then ``moe_aux_loss_coeff = router_aux_loss_coef``.
     ``sliding_window``, ``router_jitter_noise`` and top-1 routing have no megatron-core equivalent here and raise.
     """
@@ -258,8 +244,11 @@ def hf_to_mcore_config_mixtral(hf_config: Any,
         moe_input_jitter_eps=None,
         moe_permute_fusion=False,
         moe_router_fusion=False,
+        # all-to-all (not all-gather) token dispatch: ranks of the expert-parallel group may hold different token
+        # counts (dynamic batch sizes) and micro-batch shapes may vary (variable_seq_lengths, which megatron-core
+        # refuses with the all-gather dispatcher); on CPU verl.utils.megatron_cpu stands in for its CUDA streams
+        moe_token_dispatcher_type="alltoall",
     )
-    moe.update(moe_token_dispatcher())
     moe.update(extra)
     return hf_to_mcore_config_dense(hf_config,
                                     dtype=dtype,
