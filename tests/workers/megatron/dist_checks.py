@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -91,18 +92,12 @@ def _setup(tp: int, pp: int, **extra):
     return path, hf_config, mcfg, info
 
 
-def check_actor(tp: int, pp: int) -> None:
-    """Log-probs equal the HF model's; one PPO update changes them and matches an HF update's log-probs; the hybrid
-    engine then streams the trained weights into an HF rollout model whose log-probs equal the actor's. Prints the
-    measured differences (``[check_actor] ...``) for the record."""
-    from transformers import AutoModelForCausalLM
-
-    from verl.utils.megatron_utils import build_megatron_model, build_megatron_optimizer
+def _ppo_actor(hf_config: Any, tf_config: Any, chunks: list, mcfg: Any) -> tuple[Any, Any]:
+    """The Megatron PPO actor the checks train: AdamW lr 1e-3 without clipping, token-mean vanilla loss, one
+    mini-batch of 8 rows in micro-batches of 2. Returns ``(actor, actor config)``."""
+    from verl.utils.megatron_utils import build_megatron_optimizer
     from verl.workers.actor.megatron_actor import MegatronPPOActor
-    from verl.workers.sharding_manager.megatron_hf import MegatronHFShardingManager
 
-    path, hf_config, mcfg, info = _setup(tp, pp)
-    chunks, tf_config, converter = build_megatron_model(hf_config, mcfg, path)
     optim = {"lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999]}
     optimizer = build_megatron_optimizer(chunks, optim, mcfg, grad_clip=1e9)
     actor_cfg = OmegaConf.create({
@@ -117,7 +112,59 @@ def check_actor(tp: int, pp: int) -> None:
             "loss_mode": "vanilla"
         },
     })
-    actor = MegatronPPOActor(actor_cfg, hf_config, tf_config, chunks, optimizer)
+    return MegatronPPOActor(actor_cfg, hf_config, tf_config, chunks, optimizer), actor_cfg
+
+
+def _check_update_matches_hf_and_sync(actor: Any, actor_cfg: Any, hf: Any, hf_config: Any, chunks: list, converter: Any,
+                                      data: Any, lp: torch.Tensor, lp_after: torch.Tensor, label: str, tp: int,
+                                      pp: int) -> None:
+    """After one PPO update of the actor (log-probs ``lp`` -> ``lp_after``): they equal one HF AdamW step on the
+    same token-mean loss, and the trained weights, resharded into an HF rollout model, give the actor's log-probs."""
+    from transformers import AutoModelForCausalLM
+
+    from verl.trainer.ppo import core_algos
+    from verl.workers.sharding_manager.megatron_hf import MegatronHFShardingManager
+
+    mask = data.batch["response_mask"].bool()
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-3, weight_decay=0.0)
+    new_lp = _hf_log_probs(hf, data)
+    loss, _ = core_algos.get_policy_loss_fn("vanilla")(old_log_prob=lp.clone(),
+                                                       log_prob=new_lp,
+                                                       advantages=data.batch["advantages"],
+                                                       response_mask=mask.float(),
+                                                       loss_agg_mode="token-mean",
+                                                       config=actor_cfg)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        hf_after = _hf_log_probs(hf, data)
+    moved = (lp_after - lp)[mask].abs().max().item()
+    assert moved > 1e-4, "the update did not change the policy"
+    err = (lp_after - hf_after)[mask].abs().max().item()
+    _report(f"{label}after one update (moved {moved:.3g}): log-prob max |megatron - HF AdamW|", err, tp, pp)
+    assert err < 5e-3 * max(1.0, moved), f"after one step megatron vs HF differ by {err} (moved {moved})"
+
+    # the trained weights, resharded into a rollout model, give the actor's log-probs
+    rollout = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).to(get_device())
+    with MegatronHFShardingManager(chunks, converter, inference_module=rollout):
+        with torch.no_grad():
+            synced = _hf_log_probs(rollout, data.to(get_device())).cpu()
+    err = (lp_after - synced)[mask].abs().max().item()
+    _report(f"{label}after the update: log-prob max |megatron actor - synced HF rollout|", err, tp, pp)
+    assert err < 2e-4, f"the rollout's log-probs differ from the trained actor's by {err}"
+
+
+def check_actor(tp: int, pp: int) -> None:
+    """Log-probs equal the HF model's; one PPO update changes them and matches an HF update's log-probs; the hybrid
+    engine then streams the trained weights into an HF rollout model whose log-probs equal the actor's. Prints the
+    measured differences (``[check_actor] ...``) for the record."""
+    from transformers import AutoModelForCausalLM
+
+    from verl.utils.megatron_utils import build_megatron_model
+
+    path, hf_config, mcfg, info = _setup(tp, pp)
+    chunks, tf_config, converter = build_megatron_model(hf_config, mcfg, path)
+    actor, actor_cfg = _ppo_actor(hf_config, tf_config, chunks, mcfg)
     data = _batch(hf_config.vocab_size)
     data.meta_info.update({"micro_batch_size": 3, "temperature": 1.0})
     lp, ent = actor.compute_log_prob(data, calculate_entropy=True)
@@ -143,35 +190,8 @@ def check_actor(tp: int, pp: int) -> None:
     assert "actor/pg_loss" in metrics or not info.is_last_stage
     assert metrics["actor/skipped_steps"] == [0.0] and all(torch.isfinite(torch.tensor(metrics["actor/grad_norm"])))
     lp_after, _ = actor.compute_log_prob(data)
-
-    from verl.trainer.ppo import core_algos
-
-    opt = torch.optim.AdamW(hf.parameters(), lr=1e-3, weight_decay=0.0)
-    new_lp = _hf_log_probs(hf, data)
-    loss, _ = core_algos.get_policy_loss_fn("vanilla")(old_log_prob=lp.clone(),
-                                                       log_prob=new_lp,
-                                                       advantages=data.batch["advantages"],
-                                                       response_mask=mask.float(),
-                                                       loss_agg_mode="token-mean",
-                                                       config=actor_cfg)
-    loss.backward()
-    opt.step()
-    with torch.no_grad():
-        hf_after = _hf_log_probs(hf, data)
-    moved = (lp_after - lp)[mask].abs().max().item()
-    assert moved > 1e-4, "the update did not change the policy"
-    err = (lp_after - hf_after)[mask].abs().max().item()
-    _report(f"after one update (moved {moved:.3g}): log-prob max |megatron - HF AdamW|", err, tp, pp)
-    assert err < 5e-3 * max(1.0, moved), f"after one step megatron vs HF differ by {err} (moved {moved})"
-
-    # the trained weights, resharded into a rollout model, give the actor's log-probs
-    rollout = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).to(get_device())
-    with MegatronHFShardingManager(chunks, converter, inference_module=rollout):
-        with torch.no_grad():
-            synced = _hf_log_probs(rollout, data.to(get_device())).cpu()
-    err = (lp_after - synced)[mask].abs().max().item()
-    _report("after the update: log-prob max |megatron actor - synced HF rollout|", err, tp, pp)
-    assert err < 2e-4, f"the rollout's log-probs differ from the trained actor's by {err}"
+    _check_update_matches_hf_and_sync(actor, actor_cfg, hf, hf_config, chunks, converter, data, lp, lp_after, "", tp,
+                                      pp)
 
 
 def _report(what: str, value: float, tp: int, pp: int) -> None:
@@ -214,9 +234,7 @@ def check_moe_actor(tp: int, pp: int, ep: int, out_dir: str) -> None:
     HF rollout model (transformers' in-memory expert naming) whose log-probs equal the actor's."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from verl.utils.megatron_utils import build_megatron_model, build_megatron_optimizer, init_megatron_parallel
-    from verl.workers.actor.megatron_actor import MegatronPPOActor
-    from verl.workers.sharding_manager.megatron_hf import MegatronHFShardingManager
+    from verl.utils.megatron_utils import build_megatron_model, init_megatron_parallel
 
     if is_cuda_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -228,21 +246,7 @@ def check_moe_actor(tp: int, pp: int, ep: int, out_dir: str) -> None:
     assert info.ep_size == ep
     chunks, tf_config, converter = build_megatron_model(hf_config, mcfg, path)
     assert tf_config.num_moe_experts == 4 and converter.num_local_experts == 4 // ep
-    optim = {"lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999]}
-    optimizer = build_megatron_optimizer(chunks, optim, mcfg, grad_clip=1e9)
-    actor_cfg = OmegaConf.create({
-        "ppo_mini_batch_size": 8,
-        "ppo_micro_batch_size_per_gpu": 2,
-        "ppo_epochs": 1,
-        "clip_ratio": 0.2,
-        "loss_agg_mode": "token-mean",
-        "entropy_coeff": 0.0,
-        "use_kl_loss": False,
-        "policy_loss": {
-            "loss_mode": "vanilla"
-        },
-    })
-    actor = MegatronPPOActor(actor_cfg, hf_config, tf_config, chunks, optimizer)
+    actor, actor_cfg = _ppo_actor(hf_config, tf_config, chunks, mcfg)
     data = _batch(hf_config.vocab_size)
     data.meta_info.update({"micro_batch_size": 2, "temperature": 1.0})
     lp, _ = actor.compute_log_prob(data)
@@ -263,34 +267,8 @@ def check_moe_actor(tp: int, pp: int, ep: int, out_dir: str) -> None:
     metrics = actor.update_policy(data)
     assert metrics["actor/skipped_steps"] == [0.0]
     lp_after, _ = actor.compute_log_prob(data)
-
-    from verl.trainer.ppo import core_algos
-
-    opt = torch.optim.AdamW(hf.parameters(), lr=1e-3, weight_decay=0.0)
-    new_lp = _hf_log_probs(hf, data)
-    loss, _ = core_algos.get_policy_loss_fn("vanilla")(old_log_prob=lp.clone(),
-                                                       log_prob=new_lp,
-                                                       advantages=data.batch["advantages"],
-                                                       response_mask=mask.float(),
-                                                       loss_agg_mode="token-mean",
-                                                       config=actor_cfg)
-    loss.backward()
-    opt.step()
-    with torch.no_grad():
-        hf_after = _hf_log_probs(hf, data)
-    moved = (lp_after - lp)[mask].abs().max().item()
-    assert moved > 1e-4, "the update did not change the policy"
-    err = (lp_after - hf_after)[mask].abs().max().item()
-    _report(f"moe ep={ep}: after one update (moved {moved:.3g}): log-prob max |megatron - HF AdamW|", err, tp, pp)
-    assert err < 5e-3 * max(1.0, moved), f"after one step megatron vs HF differ by {err} (moved {moved})"
-
-    rollout = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).to(get_device())
-    with MegatronHFShardingManager(chunks, converter, inference_module=rollout):
-        with torch.no_grad():
-            synced = _hf_log_probs(rollout, data.to(get_device())).cpu()
-    err = (lp_after - synced)[mask].abs().max().item()
-    _report(f"moe ep={ep}: after the update: log-prob max |megatron actor - synced HF rollout|", err, tp, pp)
-    assert err < 2e-4, f"the rollout's log-probs differ from the trained actor's by {err}"
+    _check_update_matches_hf_and_sync(actor, actor_cfg, hf, hf_config, chunks, converter, data, lp, lp_after,
+                                      f"moe ep={ep}: ", tp, pp)
 
 
 def check_moe_checkpoint(tp: int, pp: int, ep: int, out_dir: str) -> None:
