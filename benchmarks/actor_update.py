@@ -48,6 +48,12 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--micro-batch", type=int, default=16, help="rows per forward/backward")
     parser.add_argument("--updates", type=int, default=4, help="updates per side; the first is warm-up")
     parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
+    parser.add_argument("--ours-fsdp",
+                        action="append",
+                        default=[],
+                        metavar="KEY=VALUE",
+                        help="also run ours with this fsdp_config override (e.g. reshard_after_forward=False); "
+                        "repeatable, one more side each")
     parser.add_argument("--profile", action="store_true", help="print the top operators of one more update")
     parser.add_argument("--empty-cache",
                         action="store_true",
@@ -107,6 +113,13 @@ def _actor_config(spec: dict[str, Any]) -> Any:
     })
 
 
+def yaml_value(text: str) -> Any:
+    """A command-line value as YAML reads it (``False`` -> bool, ``2`` -> int, ``bf16`` -> str)."""
+    import yaml
+
+    return yaml.safe_load(text)
+
+
 def _optim_config() -> dict[str, Any]:
     return {"lr": 1e-6, "weight_decay": 0.01, "betas": [0.9, 0.999]}
 
@@ -151,7 +164,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     from verl.workers.actor import DataParallelPPOActor
     from verl.workers.config_helpers import build_optimizer
 
-    device, side = spec["device"], spec["side"]
+    device, side = spec["device"], spec["side"].split(" ")[0]
     if device == "cpu":
         torch.set_num_threads(int(spec["threads"]))
 
@@ -179,7 +192,17 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         from verl.workers.role_common import init_distributed
 
         init_distributed()
-        model, _ = build_fsdp_model(spec["model_path"], AutoModelForCausalLM, create_device_mesh(1, -1), train=True)
+        from omegaconf import OmegaConf
+
+        fsdp_config = OmegaConf.create({})
+        for item in spec.get("fsdp_overrides", []):
+            key, value = item.split("=", 1)
+            OmegaConf.update(fsdp_config, key, yaml_value(value), force_add=True)
+        model, _ = build_fsdp_model(spec["model_path"],
+                                    AutoModelForCausalLM,
+                                    create_device_mesh(1, -1),
+                                    fsdp_config=fsdp_config,
+                                    train=True)
     else:
         model = AutoModelForCausalLM.from_pretrained(spec["model_path"],
                                                      dtype=torch.float32,
@@ -242,6 +265,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
             sync()
         key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
         events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)[:15]
+        result["host_syncs"] = sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense")
         result["top_ops"] = [{
             "op": e.key[:60],
             "calls": e.count,
@@ -256,6 +280,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     unknown = sorted(set(sides) - set(SIDES))
     if unknown or not sides:
         raise ValueError(f"--sides {args.sides!r}: unknown {unknown}; choose from {', '.join(SIDES)}")
+    for item in args.ours_fsdp:
+        if "=" not in item:
+            raise ValueError(f"--ours-fsdp {item!r} must be KEY=VALUE (a key of fsdp_config)")
+    variants = {side: [] for side in sides}
+    variants.update({f"ours fsdp_config.{item}": [item] for item in args.ours_fsdp})
     if args.rows % args.micro_batch or args.updates < 1:
         raise ValueError(f"--micro-batch {args.micro_batch} must divide --rows {args.rows}, and --updates must be >= 1")
     device = h.resolve_device(args.device)
@@ -267,9 +296,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
           ("; cached device memory released before every update" if args.empty_cache else ""),
           flush=True)
     results: dict[str, dict[str, Any]] = {}
-    for side in sides:
+    for side, fsdp_overrides in variants.items():
         spec = {
             "side": side,
+            "fsdp_overrides": fsdp_overrides,
             "model_path": model_path,
             "device": device,
             "threads": args.threads,
@@ -315,7 +345,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         ], rows))
     for side, r in results.items():
         if r["top_ops"]:
-            print(f"\n{side}: top operators of one update ({'device' if device == 'cuda' else 'CPU'} self time)\n")
+            print(f"\n{side}: top operators of one update ({'device' if device == 'cuda' else 'CPU'} self time; "
+                  f"{r['host_syncs']} host syncs (.item() and the like))\n")
             print(h.markdown_table(["op", "calls", "ms"], [[o["op"], o["calls"], o["ms"]] for o in r["top_ops"]]))
     payload = {
         "benchmark": "actor_update",

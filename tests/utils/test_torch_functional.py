@@ -96,6 +96,35 @@ def test_logprobs_from_logits_half_precision_computed_in_float32():
     torch.testing.assert_close(got, want)
 
 
+def test_logprobs_from_logits_chunked_backward_and_entropy_in_one_pass():
+    """The chunked autograd function: bf16 logits get a bf16 gradient equal to log_softmax's (computed in float32),
+    with weighted upstream gradients and chunks that do not divide the rows; ``return_entropy`` gives the entropy of
+    the same pass without a graph; float64 passes gradcheck; an empty batch gives empty results."""
+    gen = torch.Generator().manual_seed(6)
+    base = 4 * torch.randn(11, 37, generator=gen)
+    labels = torch.randint(0, 37, (11,), generator=gen)
+    weights = torch.randn(11, generator=gen)
+    logits = base.bfloat16().requires_grad_(True)
+    got, entropy = F.logprobs_from_logits(logits, labels, chunk_size=4, return_entropy=True)
+    assert got.dtype == entropy.dtype == torch.float32 and got.requires_grad and not entropy.requires_grad
+    (grad_got,) = torch.autograd.grad((got * weights).sum(), logits)
+    assert grad_got.dtype == torch.bfloat16
+    ref_logits = base.bfloat16().float().requires_grad_(True)
+    want = torch.log_softmax(ref_logits, -1).gather(-1, labels[:, None]).squeeze(-1)
+    (grad_want,) = torch.autograd.grad((want * weights).sum(), ref_logits)
+    torch.testing.assert_close(got.detach(), want.detach())
+    torch.testing.assert_close(grad_got, grad_want.bfloat16())
+    p = torch.softmax(ref_logits.detach(), -1)
+    torch.testing.assert_close(entropy, -(p * torch.log(p)).sum(-1))
+    small = torch.randn(5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    small_labels = torch.randint(0, 7, (5,), generator=gen)
+    assert torch.autograd.gradcheck(lambda x: F.logprobs_from_logits(x, small_labels, chunk_size=2), (small,))
+    empty, empty_entropy = F.logprobs_from_logits(torch.zeros(0, 7),
+                                                  torch.zeros(0, dtype=torch.long),
+                                                  return_entropy=True)
+    assert empty.shape == empty_entropy.shape == (0,)
+
+
 def test_logprobs_from_logits_shape_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match="trailing vocabulary"):
         F.logprobs_from_logits(torch.randn(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))

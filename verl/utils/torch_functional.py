@@ -12,7 +12,7 @@ Sections:
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -102,13 +102,67 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+class _ChunkedLogProbs(torch.autograd.Function):
+    """``z[label] - logsumexp(z)`` over chunks of rows, with a backward that writes each chunk's gradient straight
+    into one buffer of the logits' dtype.
+
+    Differentiating a loop over ``logits[start:end]`` slices costs a full-size zero tensor and an add per chunk in the
+    backward (a slice's gradient is the whole tensor), and keeps every chunk's float32 copy alive for logsumexp's
+    backward: on a GPU micro-batch of 4096 x 151,936 bf16 logits that is ~10 full-size passes more than needed. Here
+    the forward keeps only the per-row logsumexp, and the backward recomputes ``softmax = exp(z - lse)`` one chunk at
+    a time. Optionally also returns the entropy ``lse - sum(softmax * z)`` of each row from the same pass, without a
+    gradient (the PPO update's metrics-only entropy).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, labels: torch.Tensor, step: int,
+                with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = logits.shape[0]
+        out_dtype = _compute_dtype(logits.dtype)
+        log_probs = torch.empty(rows, dtype=out_dtype, device=logits.device)
+        lse = torch.empty(rows, dtype=out_dtype, device=logits.device)
+        entropy = torch.empty(rows if with_entropy else 0, dtype=out_dtype, device=logits.device)
+        for start in range(0, rows, step):
+            end = min(rows, start + step)
+            chunk = logits[start:end].to(out_dtype)
+            chunk_lse = torch.logsumexp(chunk, dim=-1)
+            lse[start:end] = chunk_lse
+            log_probs[start:end] = chunk.gather(-1, labels[start:end]).squeeze(-1) - chunk_lse
+            if with_entropy:
+                probs = torch.exp(chunk - chunk_lse.unsqueeze(-1))
+                entropy[start:end] = chunk_lse - (probs * chunk).sum(dim=-1)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.step = step
+        ctx.mark_non_differentiable(entropy)
+        return log_probs, entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad_log_probs: torch.Tensor, grad_entropy: torch.Tensor) -> tuple:
+        logits, labels, lse = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        grad_log_probs = grad_log_probs.to(lse.dtype)
+        for start in range(0, logits.shape[0], ctx.step):
+            end = min(logits.shape[0], start + ctx.step)
+            g = grad_log_probs[start:end].unsqueeze(-1)
+            # d(z[label] - lse)/dz = onehot(label) - softmax(z)
+            chunk_grad = torch.exp(logits[start:end].to(lse.dtype) - lse[start:end].unsqueeze(-1)).mul_(-g)
+            chunk_grad.scatter_add_(-1, labels[start:end], g)
+            grad_logits[start:end] = chunk_grad
+        return grad_logits, None, None, None
+
+
+def logprobs_from_logits(logits: torch.Tensor,
+                         labels: torch.Tensor,
+                         chunk_size: int | None = None,
+                         return_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``log_softmax(logits)[..., label]`` without materialising the full log-softmax: label logit minus the row's
     logsumexp, computed over chunks of rows (``chunk_size`` rows, default chosen from the vocabulary size) so that
     half-precision logits are upcast one chunk at a time.
 
     ``logits`` ``(..., vocab)``, ``labels`` ``(...)`` integer ids. Returns ``(...)`` in float32 (float64 for
-    float64 logits). Differentiable with respect to ``logits``.
+    float64 logits). Differentiable with respect to ``logits``; the backward recomputes the softmax chunk by chunk
+    into one gradient buffer (see :class:`_ChunkedLogProbs`). ``return_entropy`` also returns the entropy of
+    ``softmax(logits)`` per row from the same pass, as ``(log_probs, entropy)``; the entropy has no gradient.
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logprobs_from_logits: logits {tuple(logits.shape)} must be labels {tuple(labels.shape)} "
@@ -117,16 +171,14 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, chunk_size:
     out_dtype = _compute_dtype(logits.dtype)
     flat_logits = logits.reshape(-1, vocab)
     flat_labels = labels.reshape(-1, 1).long()
-    rows = flat_logits.shape[0]
-    if rows == 0:
-        return torch.zeros(labels.shape, dtype=out_dtype, device=logits.device)
-    step = _rows_per_chunk(vocab, chunk_size)
-    pieces = []
-    for start in range(0, rows, step):
-        chunk = flat_logits[start:start + step].to(out_dtype)
-        picked = chunk.gather(-1, flat_labels[start:start + step]).squeeze(-1)
-        pieces.append(picked - torch.logsumexp(chunk, dim=-1))
-    return torch.cat(pieces).reshape(labels.shape)
+    if flat_logits.shape[0] == 0:
+        empty = torch.zeros(labels.shape, dtype=out_dtype, device=logits.device)
+        return (empty, empty.clone()) if return_entropy else empty
+    log_probs, entropy = _ChunkedLogProbs.apply(flat_logits, flat_labels, _rows_per_chunk(vocab, chunk_size),
+                                                return_entropy)
+    if return_entropy:
+        return log_probs.reshape(labels.shape), entropy.reshape(labels.shape)
+    return log_probs.reshape(labels.shape)
 
 
 def entropy_from_logits(logits: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:

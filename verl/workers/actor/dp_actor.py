@@ -16,7 +16,6 @@ whatever the micro-batching (see :mod:`verl.utils.dp_update`).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any
 
@@ -45,36 +44,25 @@ def logprobs_and_entropy_from_logits(logits: torch.Tensor,
 
     ``logits`` ``(N, vocab)``, ``labels`` ``(N,)``; results are float32 ``(N,)``. Without entropy this is
     :func:`verl.utils.torch_functional.logprobs_from_logits`. With entropy, ``log p = z - logsumexp(z)`` and
-    ``H = logsumexp(z) - sum(softmax(z) * z)`` come from the same logsumexp, so the full-vocabulary softmax is formed
-    once. Without autograd the rows are processed in chunks (``chunk_rows``, default ~64M logits per chunk) to bound
-    the float32 copy. ``entropy_grad=False`` computes the entropy for metrics only, without keeping its backward: in
-    a training forward it is then taken in chunks under ``no_grad``, apart from the log-probs, so that the softmax and
-    its product with the logits never exist for the whole micro-batch at once (two float32 copies of the logits less
-    at the update's peak).
+    ``H = logsumexp(z) - sum(softmax(z) * z)`` come from the same logsumexp. When the entropy needs no gradient
+    (``entropy_grad=False``: the metrics-only entropy of an update with ``entropy_coeff=0``, or no autograd) both come
+    from one chunked pass over the rows (``chunk_rows``, default ~64M logits per chunk) whose backward recomputes the
+    softmax chunk by chunk, so no full float32 copy of the logits is ever kept. An entropy bonus in the loss
+    (``entropy_grad=True`` under autograd) forms the softmax for the whole micro-batch, since its gradient needs it.
     """
     if not calculate_entropy:
-        return verl_F.logprobs_from_logits(logits, labels), None
+        return verl_F.logprobs_from_logits(logits, labels, chunk_size=chunk_rows), None
     if logits.dim() != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(f"logits {tuple(logits.shape)} must be (N, vocab) and labels {tuple(labels.shape)} (N,)")
-    if torch.is_grad_enabled() and not entropy_grad:
-        log_probs = verl_F.logprobs_from_logits(logits, labels, chunk_size=chunk_rows)
-        with torch.no_grad():
-            return log_probs, verl_F.entropy_from_logits(logits.detach(), chunk_size=chunk_rows)
-    rows = logits.shape[0]
-    if rows == 0:
-        empty = logits.new_zeros((0,), dtype=torch.float32)
-        return empty, empty.clone()
-    step = rows if torch.is_grad_enabled() else (chunk_rows or max(1, (1 << 26) // max(1, logits.shape[-1])))
-    log_probs, entropies = [], []
-    for start in range(0, rows, step):
-        z = logits[start:start + step].float()
-        lse = torch.logsumexp(z, dim=-1)
-        log_probs.append(z.gather(-1, labels[start:start + step].long().unsqueeze(-1)).squeeze(-1) - lse)
-        ctx = contextlib.nullcontext() if entropy_grad else torch.no_grad()
-        with ctx:
-            probs = torch.exp(z - lse.unsqueeze(-1))
-            entropies.append(lse - (probs * z).sum(dim=-1))
-    return torch.cat(log_probs), torch.cat(entropies)
+    if not entropy_grad or not torch.is_grad_enabled():
+        # one chunked pass gives both; the entropy carries no gradient
+        log_probs, entropy = verl_F.logprobs_from_logits(logits, labels, chunk_size=chunk_rows, return_entropy=True)
+        return log_probs.float(), entropy.float()
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=-1)
+    log_probs = z.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1) - lse
+    entropy = lse - (torch.exp(z - lse.unsqueeze(-1)) * z).sum(dim=-1)
+    return log_probs, entropy
 
 
 class DataParallelPPOActor(BasePPOActor):
