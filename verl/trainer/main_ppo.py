@@ -203,7 +203,7 @@ def _preflight(config: DictConfig) -> None:
                                   f"the FSDP backend ({key}=fsdp, i.e. drop --config-name ppo_megatron_trainer)")
             if key == "critic.strategy" and _uses_megatron(config, "actor_rollout_ref.actor.strategy"):
                 # the roles share worker processes, hence megatron's (process-global) parallel state
-                for part in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                for part in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
                              "expert_model_parallel_size"):
                     actor_size = int(cfg_select(config, f"actor_rollout_ref.actor.megatron.{part}", 1) or 1)
                     critic_size = int(cfg_select(config, f"critic.megatron.{part}", 1) or 1)

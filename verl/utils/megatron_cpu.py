@@ -59,6 +59,8 @@ class _CudaToCpuMode(TorchFunctionMode):
             return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
         if func is torch.Tensor.cuda:
             return args[0]
+        if kwargs.get("pin_memory"):  # no pinned-memory allocator without CUDA (megatron's CP rotary index)
+            kwargs["pin_memory"] = False
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = "cpu"
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):

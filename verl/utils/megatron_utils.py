@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "MegatronParallelInfo",
     "init_megatron_parallel",
+    "check_context_parallel_supported",
     "get_parallel_info",
     "megatron_dtype",
     "HFCheckpointWeights",
@@ -73,6 +74,8 @@ class MegatronParallelInfo:
     vpp_size: Optional[int] = None
     ep_rank: int = 0
     ep_size: int = 1
+    cp_rank: int = 0
+    cp_size: int = 1
 
     @property
     def is_last_stage(self) -> bool:
@@ -84,8 +87,9 @@ class MegatronParallelInfo:
 
     @property
     def is_collect(self) -> bool:
-        """The rank whose outputs the driver keeps: TP rank 0 of the last pipeline stage (one per DP rank)."""
-        return self.tp_rank == 0 and self.is_last_stage
+        """The rank whose outputs the driver keeps: TP rank 0 and CP rank 0 of the last pipeline stage (one per DP
+        rank; the other CP ranks of the group return the same gathered tensors)."""
+        return self.tp_rank == 0 and self.cp_rank == 0 and self.is_last_stage
 
 
 def _sizes(megatron_cfg: Any) -> tuple[int, int, Optional[int]]:
@@ -94,6 +98,23 @@ def _sizes(megatron_cfg: Any) -> tuple[int, int, Optional[int]]:
     vpp = cfg_get(megatron_cfg, "virtual_pipeline_model_parallel_size")
     vpp = int(vpp) if vpp not in (None, 1) else None
     return tp, pp, vpp
+
+
+def check_context_parallel_supported(megatron_cfg: Any, label: str) -> None:
+    """Context parallelism (:mod:`verl.models.mcore.cp_attention`) is tested with data parallelism only; its
+    combinations with tensor / pipeline / expert parallelism are refused with an error that says so."""
+    cp = int(cfg_get(megatron_cfg, "context_parallel_size", 1) or 1)
+    if cp == 1:
+        return
+    tp, pp, vpp = _sizes(megatron_cfg)
+    ep = int(cfg_get(megatron_cfg, "expert_model_parallel_size", 1) or 1)
+    others = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "expert_model_parallel_size": ep}
+    bad = {k: v for k, v in others.items() if v > 1}
+    if bad:
+        names = ", ".join(f"{label}.{k}={v}" for k, v in bad.items())
+        raise NotImplementedError(f"{label}.context_parallel_size={cp} together with {names} is not supported yet "
+                                  "(context parallelism is implemented and tested with data parallelism only); set "
+                                  f"those to 1 or {label}.context_parallel_size=1")
 
 
 def init_megatron_parallel(megatron_cfg: Any, label: str) -> MegatronParallelInfo:
@@ -107,38 +128,37 @@ def init_megatron_parallel(megatron_cfg: Any, label: str) -> MegatronParallelInf
     apply_cpu_patches()
     tp, pp, vpp = _sizes(megatron_cfg)
     cp = int(cfg_get(megatron_cfg, "context_parallel_size", 1) or 1)
-    if cp != 1:
-        raise NotImplementedError(f"{label}.context_parallel_size={cp}: this Megatron backend supports tensor, "
-                                  f"pipeline, data and expert parallelism; set {label}.context_parallel_size=1")
+    check_context_parallel_supported(megatron_cfg, label)
     ep = int(cfg_get(megatron_cfg, "expert_model_parallel_size", 1) or 1)
     etp = cfg_get(megatron_cfg, "expert_tensor_parallel_size")
     if etp is not None and int(etp) != tp:
         raise NotImplementedError(f"{label}.expert_tensor_parallel_size={etp}: experts are split over TP like the "
                                   f"dense MLP; leave it null (= tensor_model_parallel_size={tp})")
     world = dist.get_world_size()
-    if world % (tp * pp):
-        raise ValueError(f"{label}.tensor_model_parallel_size={tp} x pipeline_model_parallel_size={pp} = {tp * pp} "
-                         f"does not divide the {world} worker processes (trainer.nnodes x n_gpus_per_node); choose "
-                         "sizes whose product divides it")
-    if (world // (tp * pp)) % ep:
+    if world % (tp * pp * cp):
+        raise ValueError(f"{label}.tensor_model_parallel_size={tp} x pipeline_model_parallel_size={pp} x "
+                         f"context_parallel_size={cp} = {tp * pp * cp} does not divide the {world} worker processes "
+                         "(trainer.nnodes x n_gpus_per_node); choose sizes whose product divides it")
+    if (world // (tp * pp * cp)) % ep:
         raise ValueError(f"{label}.expert_model_parallel_size={ep} does not divide the data-parallel size "
-                         f"{world // (tp * pp)} (= {world} processes / (tensor x pipeline parallel)); experts are "
-                         "spread over the data-parallel ranks: choose a divisor of it")
+                         f"{world // (tp * pp * cp)} (= {world} processes / (tensor x pipeline x context parallel)); "
+                         "experts are spread over the data-parallel ranks: choose a divisor of it")
     if vpp is not None and pp == 1:
         raise ValueError(f"{label}.virtual_pipeline_model_parallel_size={vpp} needs pipeline_model_parallel_size > 1; "
                          f"set {label}.virtual_pipeline_model_parallel_size=null")
     with device_scope():
         if mpu.model_parallel_is_initialized():
             have = (mpu.get_tensor_model_parallel_world_size(), mpu.get_pipeline_model_parallel_world_size(),
-                    mpu.get_expert_model_parallel_world_size())
-            if have != (tp, pp, ep):
-                raise ValueError(f"{label}: tensor/pipeline/expert sizes {(tp, pp, ep)} differ from those of another "
-                                 f"role in the same worker process {have}; colocated roles must share the Megatron "
-                                 "layout")
+                    mpu.get_expert_model_parallel_world_size(), mpu.get_context_parallel_world_size())
+            if have != (tp, pp, ep, cp):
+                raise ValueError(f"{label}: tensor/pipeline/expert/context sizes {(tp, pp, ep, cp)} differ from those "
+                                 f"of another role in the same worker process {have}; colocated roles must share the "
+                                 "Megatron layout")
         else:
             mpu.initialize_model_parallel(tensor_model_parallel_size=tp,
                                           pipeline_model_parallel_size=pp,
                                           virtual_pipeline_model_parallel_size=vpp,
+                                          context_parallel_size=cp,
                                           expert_model_parallel_size=ep)
             tensor_parallel.model_parallel_cuda_manual_seed(int(cfg_get(megatron_cfg, "seed", 42) or 42))
     return get_parallel_info(vpp)
@@ -156,7 +176,9 @@ def get_parallel_info(vpp_size: Optional[int] = None) -> MegatronParallelInfo:
                                 dp_size=mpu.get_data_parallel_world_size(),
                                 vpp_size=vpp_size,
                                 ep_rank=mpu.get_expert_model_parallel_rank(),
-                                ep_size=mpu.get_expert_model_parallel_world_size())
+                                ep_size=mpu.get_expert_model_parallel_world_size(),
+                                cp_rank=mpu.get_context_parallel_rank(),
+                                cp_size=mpu.get_context_parallel_world_size())
 
 
 def megatron_dtype(megatron_cfg: Any) -> torch.dtype:
@@ -250,7 +272,8 @@ def _transformer_config(hf_config: Any, megatron_cfg: Any, dtype: torch.dtype) -
     parallel = {
         k: cfg_get(megatron_cfg, k)
         for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
-                  "expert_model_parallel_size", "expert_tensor_parallel_size", "sequence_parallel")
+                  "context_parallel_size", "expert_model_parallel_size", "expert_tensor_parallel_size",
+                  "sequence_parallel")
     }
     kwargs = hf_to_mcore_config(hf_config, dtype=dtype, parallel=parallel, override_transformer_config=overrides)
     if kwargs.get("sequence_parallel") and not _fused_norm_available():

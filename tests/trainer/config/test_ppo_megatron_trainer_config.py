@@ -91,14 +91,32 @@ def test_validate_config_uses_the_megatron_data_parallel_size():
         validate_config(bad, check_paths=False)
 
 
-@pytest.mark.parametrize("part,fix", [("context_parallel_size", "ulysses_sequence_parallel_size")])
-def test_unsupported_megatron_parallelism_is_refused_on_the_driver(part, fix):
+def test_context_parallelism_is_accepted_with_data_parallelism_and_refused_with_tp_pp():
+    """CP > 1 divides the devices like TP x PP (DP = devices / (TP x PP x CP)); its combinations with TP / PP / EP
+    are refused on the driver with the reason and the fix."""
     cfg = _compose(
-        "ppo_megatron_trainer",
-        SMALL_RUN + ["trainer.n_gpus_per_node=4", "trainer.device=cpu", f"actor_rollout_ref.actor.megatron.{part}=2"])
+        "ppo_megatron_trainer", SMALL_RUN +
+        ["trainer.n_gpus_per_node=4", "trainer.device=cpu", "actor_rollout_ref.actor.megatron.context_parallel_size=2"])
     OmegaConf.resolve(cfg)
-    with pytest.raises(ConfigError, match=rf"actor_rollout_ref.actor.megatron.{part}: > 1 is not supported.*{fix}"):
-        validate_config(cfg, check_paths=False)
+    validate_config(cfg, check_paths=False)  # dp = 4 / 2
+    for part in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        bad = _compose(
+            "ppo_megatron_trainer", SMALL_RUN + [
+                "trainer.n_gpus_per_node=4", "trainer.device=cpu",
+                "actor_rollout_ref.actor.megatron.context_parallel_size=2", f"actor_rollout_ref.actor.megatron.{part}=2"
+            ])
+        OmegaConf.resolve(bad)
+        with pytest.raises(
+                ConfigError,
+                match=rf"actor_rollout_ref.actor.megatron.{part}: > 1 together with .*context_parallel_size=2"
+                r".*Fix: set"):
+            validate_config(bad, check_paths=False)
+    odd = _compose(
+        "ppo_megatron_trainer", SMALL_RUN +
+        ["trainer.n_gpus_per_node=4", "trainer.device=cpu", "actor_rollout_ref.actor.megatron.context_parallel_size=3"])
+    OmegaConf.resolve(odd)
+    with pytest.raises(ConfigError, match="tensor x pipeline x context parallel = 3 does not divide 4"):
+        validate_config(odd, check_paths=False)
 
 
 def test_preflight_passes_with_megatron_core_and_names_the_pip_command_without_it(monkeypatch):

@@ -115,9 +115,19 @@ def _ppo_actor(hf_config: Any, tf_config: Any, chunks: list, mcfg: Any) -> tuple
     return MegatronPPOActor(actor_cfg, hf_config, tf_config, chunks, optimizer), actor_cfg
 
 
-def _check_update_matches_hf_and_sync(actor: Any, actor_cfg: Any, hf: Any, hf_config: Any, chunks: list, converter: Any,
-                                      data: Any, lp: torch.Tensor, lp_after: torch.Tensor, label: str, tp: int,
-                                      pp: int) -> None:
+def _check_update_matches_hf_and_sync(actor: Any,
+                                      actor_cfg: Any,
+                                      hf: Any,
+                                      hf_config: Any,
+                                      chunks: list,
+                                      converter: Any,
+                                      data: Any,
+                                      lp: torch.Tensor,
+                                      lp_after: torch.Tensor,
+                                      label: str,
+                                      tp: int,
+                                      pp: int,
+                                      grad_norm: float | None = None) -> None:
     """After one PPO update of the actor (log-probs ``lp`` -> ``lp_after``): they equal one HF AdamW step on the
     same token-mean loss, and the trained weights, resharded into an HF rollout model, give the actor's log-probs."""
     from transformers import AutoModelForCausalLM
@@ -135,6 +145,11 @@ def _check_update_matches_hf_and_sync(actor: Any, actor_cfg: Any, hf: Any, hf_co
                                                        loss_agg_mode="token-mean",
                                                        config=actor_cfg)
     loss.backward()
+    if grad_norm is not None:  # Adam's first step is nearly scale-free: the norm checks the gradient's scale
+        hf_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in hf.parameters() if p.grad is not None
+                                                       ])).item()
+        _report(f"{label}gradient norm: megatron {grad_norm:.6g}, HF {hf_norm:.6g}", abs(grad_norm - hf_norm), tp, pp)
+        assert abs(grad_norm - hf_norm) < 1e-4 * max(1.0, hf_norm), (grad_norm, hf_norm)
     opt.step()
     with torch.no_grad():
         hf_after = _hf_log_probs(hf, data)
@@ -154,15 +169,16 @@ def _check_update_matches_hf_and_sync(actor: Any, actor_cfg: Any, hf: Any, hf_co
     assert err < 2e-4, f"the rollout's log-probs differ from the trained actor's by {err}"
 
 
-def check_actor(tp: int, pp: int) -> None:
+def check_actor(tp: int, pp: int, cp: int = 1) -> None:
     """Log-probs equal the HF model's; one PPO update changes them and matches an HF update's log-probs; the hybrid
     engine then streams the trained weights into an HF rollout model whose log-probs equal the actor's. Prints the
-    measured differences (``[check_actor] ...``) for the record."""
+    measured differences (``[check_actor] ...``) for the record. ``cp``: context-parallel size (all-gathered K/V)."""
     from transformers import AutoModelForCausalLM
 
     from verl.utils.megatron_utils import build_megatron_model
 
-    path, hf_config, mcfg, info = _setup(tp, pp)
+    path, hf_config, mcfg, info = _setup(tp, pp, context_parallel_size=cp)
+    assert info.cp_size == cp and info.dp_size == dist.get_world_size() // (tp * pp * cp)
     chunks, tf_config, converter = build_megatron_model(hf_config, mcfg, path)
     actor, actor_cfg = _ppo_actor(hf_config, tf_config, chunks, mcfg)
     data = _batch(hf_config.vocab_size)
@@ -191,12 +207,74 @@ def check_actor(tp: int, pp: int) -> None:
     assert metrics["actor/skipped_steps"] == [0.0] and all(torch.isfinite(torch.tensor(metrics["actor/grad_norm"])))
     lp_after, _ = actor.compute_log_prob(data)
     _check_update_matches_hf_and_sync(actor, actor_cfg, hf, hf_config, chunks, converter, data, lp, lp_after, "", tp,
-                                      pp)
+                                      pp, metrics["actor/grad_norm"][0])
 
 
 def _report(what: str, value: float, tp: int, pp: int) -> None:
     if dist.get_rank() == 0:
-        print(f"[check_actor] tp={tp} pp={pp} world={dist.get_world_size()} {what}: {value:.3g}", flush=True)
+        from megatron.core import parallel_state as mpu
+
+        cp = mpu.get_context_parallel_world_size() if mpu.model_parallel_is_initialized() else 1
+        print(f"[check_actor] tp={tp} pp={pp} cp={cp} world={dist.get_world_size()} {what}: {value:.3g}", flush=True)
+
+
+def check_cp_attention(cp: int) -> None:
+    """The context-parallel core attention (each rank: its query chunks against all-gathered K/V, GQA) gives the
+    output and the q/k/v gradients of full causal attention with padding on the whole sequence."""
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from verl.models.mcore.cp_attention import ContextParallelAttention, cp_causal_padding_mask, cp_local_index
+    from verl.utils.megatron_cpu import device_scope
+    from verl.utils.megatron_utils import causal_padding_mask, init_megatron_parallel
+
+    dist.init_process_group(get_nccl_backend())
+    info = init_megatron_parallel(_megatron_cfg(1, 1, context_parallel_size=cp), "actor_rollout_ref.actor.megatron")
+    assert info.cp_size == cp
+    device = get_device() if is_cuda_available() else torch.device("cpu")
+    heads, groups, dim, b, s = 4, 2, 8, 3, 16
+    with device_scope():
+        config = TransformerConfig(num_layers=1,
+                                   hidden_size=heads * dim,
+                                   num_attention_heads=heads,
+                                   num_query_groups=groups,
+                                   kv_channels=dim,
+                                   context_parallel_size=cp,
+                                   attention_dropout=0.0,
+                                   params_dtype=torch.float32)
+        attn = ContextParallelAttention(config, 1, AttnMaskType.causal, "self")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(s, b, n, dim, generator=g).to(device) for n in (heads, groups, groups))
+    grad_out = torch.randn(s, b, heads * dim, generator=g).to(device)
+    attention_mask = torch.ones(b, s, dtype=torch.long, device=device)
+    attention_mask[1, :3] = 0  # left padding
+    attention_mask[2, :5] = 0
+    attention_mask[2, -2:] = 0  # right padding
+
+    for mask_rows in (attention_mask, None):
+        # reference: full-sequence attention (megatron's mask convention, True = masked) on every rank
+        ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+        rq, rk, rv = (t.permute(1, 2, 0, 3) for t in ref_in)
+        rk, rv = rk.repeat_interleave(heads // groups, 1), rv.repeat_interleave(heads // groups, 1)
+        scores = rq @ rk.transpose(-1, -2) / dim**0.5
+        full_mask = (causal_padding_mask(mask_rows) if mask_rows is not None else torch.ones(
+            s, s, dtype=torch.bool, device=device).tril().logical_not()[None, None])
+        probs = torch.softmax(scores.masked_fill(full_mask, float("-inf")), -1)
+        ref = (probs @ rv).permute(2, 0, 1, 3).reshape(s, b, heads * dim)
+        (ref * grad_out).sum().backward()
+
+        index = cp_local_index(s, cp, info.cp_rank, device)
+        local_in = [t[index].clone().requires_grad_() for t in (q, k, v)]
+        mask = cp_causal_padding_mask(mask_rows, index) if mask_rows is not None else None
+        with device_scope():
+            out = attn(*local_in, mask)
+        (out * grad_out[index]).sum().backward()
+        err = (out - ref[index]).abs().max().item()
+        grad_err = max((a.grad - r.grad[index]).abs().max().item() for a, r in zip(local_in, ref_in))
+        if dist.get_rank() == 0:
+            print(f"[check_cp_attention] cp={cp} mask={mask_rows is not None} output {err:.3g} grads {grad_err:.3g}",
+                  flush=True)
+        assert err < 1e-5 and grad_err < 1e-5, (err, grad_err)
 
 
 def _tiny_mixtral(out_dir: str) -> str:
@@ -363,6 +441,71 @@ def check_critic(tp: int, pp: int) -> None:
         critic.update_critic(data)
     after = vloss(critic.compute_values(data)).item()
     assert after < before, f"value loss did not decrease: {before} -> {after}"
+
+
+def check_critic_vs_hf(tp: int, pp: int, cp: int = 1) -> None:
+    """The critic's values equal the HF backbone's last hidden states times the value head, and one critic update
+    (token-mean value loss) equals one HF AdamW step on the same loss (so the gradient, summed over CP ranks, is
+    the full-sequence gradient)."""
+    from transformers import AutoModelForCausalLM
+
+    from verl.utils.megatron_utils import build_megatron_model, build_megatron_optimizer, unwrap_model
+    from verl.workers.critic.base import ppo_value_loss
+    from verl.workers.critic.megatron_critic import MegatronPPOCritic
+
+    path, hf_config, mcfg, info = _setup(tp, pp, context_parallel_size=cp)
+    assert info.cp_size == cp
+    chunks, tf_config, _ = build_megatron_model(hf_config, mcfg, path, value_head=True)
+    optimizer = build_megatron_optimizer(chunks, {"lr": 1e-3, "weight_decay": 0.0}, mcfg, grad_clip=1e9)
+    cfg = OmegaConf.create({
+        "ppo_mini_batch_size": 8,
+        "ppo_micro_batch_size_per_gpu": 4,
+        "ppo_epochs": 1,
+        "cliprange_value": 100.0,
+        "loss_agg_mode": "token-mean"
+    })
+    critic = MegatronPPOCritic(cfg, hf_config, tf_config, chunks, optimizer)
+    data = _batch(hf_config.vocab_size)
+    data.meta_info["micro_batch_size"] = 3
+    head_weight = unwrap_model(chunks[-1]).output_layer.weight.detach().cpu().clone()
+    values = critic.compute_values(data)
+
+    backbone = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).model
+    head = torch.nn.Linear(head_weight.shape[1], 1, bias=False)
+    head.weight.data.copy_(head_weight)
+    length = data.batch["responses"].shape[-1]
+    mask = data.batch["response_mask"].bool()
+
+    def hf_values() -> torch.Tensor:
+        hidden = backbone(input_ids=data.batch["input_ids"],
+                          attention_mask=data.batch["attention_mask"],
+                          position_ids=data.batch["position_ids"]).last_hidden_state
+        return head(hidden)[:, -length - 1:-1, 0]
+
+    with torch.no_grad():
+        ref = hf_values()
+    err = (values - ref)[mask].abs().max().item()
+    _report("critic values max |megatron - HF backbone x head|", err, tp, pp)
+    assert err < 2e-4, f"critic values differ from HF by {err}"
+
+    data.batch["values"] = values.clone()
+    metrics = critic.update_critic(data)
+    after = critic.compute_values(data)
+    params = list(backbone.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    loss, _ = ppo_value_loss(hf_values(), data.batch, 100.0, "token-mean")
+    loss.backward()
+    hf_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])).item()
+    norm = metrics["critic/grad_norm"][0]
+    _report(f"critic gradient norm: megatron {norm:.6g}, HF {hf_norm:.6g}", abs(norm - hf_norm), tp, pp)
+    assert abs(norm - hf_norm) < 1e-4 * max(1.0, hf_norm), (norm, hf_norm)
+    opt.step()
+    with torch.no_grad():
+        hf_after = hf_values()
+    moved = (after - values)[mask].abs().max().item()
+    err = (after - hf_after)[mask].abs().max().item()
+    _report(f"critic after one update (moved {moved:.3g}): values max |megatron - HF AdamW|", err, tp, pp)
+    assert moved > 1e-4 and err < 5e-3 * max(1.0, moved), (moved, err)
 
 
 def check_weights(tp: int, pp: int) -> None:
@@ -621,12 +764,17 @@ def check_engine_mock(tp: int, pp: int) -> None:
 def main() -> None:
     check, tp, pp, out_dir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     ep = int(sys.argv[5]) if len(sys.argv) > 5 else 1
+    cp = int(sys.argv[6]) if len(sys.argv) > 6 else 1
     if check == "moe_actor":
         check_moe_actor(tp, pp, ep, out_dir)
     elif check == "moe_checkpoint":
         check_moe_checkpoint(tp, pp, ep, out_dir)
     elif check == "actor":
-        check_actor(tp, pp)
+        check_actor(tp, pp, cp)
+    elif check == "critic_vs_hf":
+        check_critic_vs_hf(tp, pp, cp)
+    elif check == "cp_attention":
+        check_cp_attention(cp)
     elif check == "critic":
         check_critic(tp, pp)
     elif check == "weights":

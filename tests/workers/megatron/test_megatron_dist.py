@@ -32,7 +32,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run(check: str, tp: int, pp: int, tmp_path, nproc: int = NPROC, ep: int = 1) -> None:
+def _run(check: str, tp: int, pp: int, tmp_path, nproc: int = NPROC, ep: int = 1, cp: int = 1) -> None:
     if nproc > 1 and _gpus() == 1:
         pytest.skip(f"{nproc} ranks need {nproc} GPUs (NCCL refuses two ranks on one device); this machine has 1")
     env = dict(os.environ)
@@ -43,11 +43,12 @@ def _run(check: str, tp: int, pp: int, tmp_path, nproc: int = NPROC, ep: int = 1
         str(tp),
         str(pp),
         str(tmp_path),
-        str(ep)
+        str(ep),
+        str(cp)
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=str(tmp_path))
     log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{check} tp={tp} pp={pp} ep={ep} failed:\n{log[-6000:]}"
+    assert proc.returncode == 0, f"{check} tp={tp} pp={pp} ep={ep} cp={cp} failed:\n{log[-6000:]}"
     for rank in range(nproc):
         assert (tmp_path / f"ok-{check}-{rank}").is_file(), log[-3000:]
 
@@ -60,6 +61,24 @@ def test_actor_log_probs_and_update_match_hf(tp, pp, tmp_path):
 def test_actor_on_one_rank(tmp_path):
     """The whole actor path in one process (what a single-GPU machine can run)."""
     _run("actor", 1, 1, tmp_path, nproc=1)
+
+
+def test_context_parallel_attention_equals_full_causal_attention(tmp_path):
+    """CP=2: each rank's query chunks against all-gathered K/V (GQA, padding) give the output and q/k/v gradients of
+    attention over the whole sequence."""
+    _run("cp_attention", 1, 1, tmp_path, cp=2)
+
+
+def test_actor_with_context_parallelism_matches_hf(tmp_path):
+    """CP=2 (2 ranks, DP=1): log-probs, the gradient norm and one PPO update equal the HF model's; the synced HF
+    rollout gives the trained actor's log-probs."""
+    _run("actor", 1, 1, tmp_path, cp=2)
+
+
+@pytest.mark.parametrize("cp", [2, 1], ids=["cp2", "dp2"])
+def test_critic_values_and_update_match_hf(cp, tmp_path):
+    """Values equal the HF backbone x value head; the gradient norm and one update equal HF AdamW's."""
+    _run("critic_vs_hf", 1, 1, tmp_path, cp=cp)
 
 
 def test_critic_learns_values_with_tp(tmp_path):

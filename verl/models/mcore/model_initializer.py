@@ -111,7 +111,24 @@ def get_gpt_layer_spec(tf_config: Any, use_transformer_engine: Optional[bool] = 
     if not use_te:
         wanted["normalization"] = getattr(tf_config, "normalization", "RMSNorm")
     accepted = inspect.signature(fn).parameters
-    return fn(**{k: v for k, v in wanted.items() if k in accepted})
+    spec = fn(**{k: v for k, v in wanted.items() if k in accepted})
+    if int(getattr(tf_config, "context_parallel_size", 1) or 1) > 1 and not use_te:
+        _use_cp_attention(spec)
+    return spec
+
+
+def _use_cp_attention(spec: Any) -> None:
+    """Swap the local spec's ``DotProductAttention`` (which asserts CP == 1) for
+    :class:`verl.models.mcore.cp_attention.ContextParallelAttention` (all-gathered K/V over the CP group)."""
+    from verl.models.mcore.cp_attention import ContextParallelAttention
+
+    layer = getattr(spec, "submodules", None)
+    attention = getattr(layer, "self_attention", None)
+    inner = getattr(attention, "submodules", None)
+    if inner is None or not hasattr(inner, "core_attention"):
+        raise NotImplementedError("context_parallel_size > 1: this megatron-core's local layer spec has no "
+                                  "self_attention.submodules.core_attention to replace")
+    inner.core_attention = ContextParallelAttention
 
 
 def _patch_moe_without_te() -> None:
@@ -146,6 +163,10 @@ def build_gpt_model(hf_config: Any,
     from megatron.core.models.gpt import GPTModel
 
     tf_config = transformer_config or make_transformer_config(hf_to_mcore_config(hf_config, **config_kwargs))
+    cp = int(getattr(tf_config, "context_parallel_size", 1) or 1)
+    if cp > 1 and getattr(tf_config, "num_moe_experts", None):
+        raise NotImplementedError(f"context_parallel_size={cp} with a mixture-of-experts model is not supported "
+                                  "(untested); set context_parallel_size=1")
     if getattr(tf_config, "num_moe_experts", None):
         _patch_moe_without_te()
     use_te = _te_available() if use_transformer_engine is None else use_transformer_engine

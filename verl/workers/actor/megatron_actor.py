@@ -31,29 +31,70 @@ from verl.utils.megatron_utils import (broadcast_from_last_pp_stage, causal_padd
 from verl.utils.seqlen_balancing import restore_dynamic_batch
 from verl.workers.actor.base import BasePPOActor, PPOPolicyLoss
 
-__all__ = ["MegatronPPOActor", "megatron_forward"]
+__all__ = ["MegatronPPOActor", "megatron_forward", "gather_cp_tokens"]
 
 logger = logging.getLogger(__name__)
 
 
+def _cp(config: Any) -> tuple[int, int]:
+    """(context-parallel size, this rank's CP rank)."""
+    size = int(getattr(config, "context_parallel_size", 1) or 1)
+    if size == 1:
+        return 1, 0
+    from megatron.core import parallel_state as mpu
+
+    return size, mpu.get_context_parallel_rank()
+
+
+def _padded_length(config: Any, seq: int) -> int:
+    """The micro-batch length the model sees: a multiple of the TP size under sequence parallelism, and of
+    ``2 * CP`` (x TP) with context parallelism (:func:`verl.models.mcore.cp_attention.cp_padded_length`)."""
+    from verl.models.mcore.cp_attention import cp_padded_length
+
+    multiple = int(config.tensor_model_parallel_size) if config.sequence_parallel else 1
+    cp_size, _ = _cp(config)
+    return cp_padded_length(seq, cp_size, multiple) if cp_size > 1 else -(-seq // multiple) * multiple
+
+
 def megatron_forward(model: torch.nn.Module, mb: Any) -> torch.Tensor:
     """One chunk's forward on a padded micro-batch: the sequence is right-padded to a multiple of the TP size under
-    sequence parallelism (and the padding dropped from the last stage's output)."""
+    sequence parallelism (and the padding dropped from the last stage's output). With context parallelism the rank
+    feeds only its tokens (chunks ``r`` and ``2 CP - 1 - r``, megatron's rotary layout) with the mask rows of their
+    global positions; the last stage then returns its *local* tokens' output, which :func:`gather_cp_tokens` (or
+    :meth:`MegatronPPOActor._log_probs`) puts back in sequence order."""
     input_ids, attention_mask = mb["input_ids"], mb["attention_mask"]
     position_ids = mb["position_ids"]
     config = unwrap_model(model).config
     seq = input_ids.shape[-1]
-    multiple = int(config.tensor_model_parallel_size) if config.sequence_parallel else 1
-    pad = (-seq) % multiple
+    pad = _padded_length(config, seq) - seq
     if pad:
         input_ids = torch.nn.functional.pad(input_ids, (0, pad))
         attention_mask = torch.nn.functional.pad(attention_mask, (0, pad))
         position_ids = torch.nn.functional.pad(position_ids, (0, pad))
+    cp_size, cp_rank = _cp(config)
+    if cp_size > 1:
+        from verl.models.mcore.cp_attention import cp_causal_padding_mask, cp_local_index
+
+        index = cp_local_index(seq + pad, cp_size, cp_rank, input_ids.device)
+        return model(input_ids[:, index], position_ids[:, index], cp_causal_padding_mask(attention_mask, index))
     output = model(input_ids, position_ids, causal_padding_mask(attention_mask))
     inner = unwrap_model(model)
     if pad and getattr(inner, "post_process", False):
         output = output[:, :seq]
     return output
+
+
+def gather_cp_tokens(local: torch.Tensor, config: Any, seq: int) -> torch.Tensor:
+    """Per-token outputs ``(b, s_local, ...)`` of this CP rank -> ``(b, seq, ...)`` in sequence order (identity without
+    CP). The backward keeps this rank's slice of the gradient: every CP rank computes the same loss from the gathered
+    tensor (megatron's schedule multiplies the loss by CP and DDP averages over DP x CP, so the summed gradient is
+    the CP=1 gradient)."""
+    cp_size, _ = _cp(config)
+    if cp_size == 1:
+        return local
+    from verl.models.mcore.cp_attention import gather_from_cp
+
+    return gather_from_cp(local, 1, sum_grads=False)[:, :seq]
 
 
 def _split(data: DataProto, use_dynamic: bool, micro: Optional[int], max_token_len: Optional[int], dp: DPInfo):
@@ -114,17 +155,36 @@ class MegatronPPOActor(BasePPOActor):
 
         responses = mb["responses"]
         length = responses.shape[-1]
-        logits = logits[:, -length - 1:-1]
+        cp_size, cp_rank = _cp(self.tf_config)
+        if cp_size > 1:
+            # this rank's logits are those of its tokens (layout of cp_local_index): label each with the next token
+            # of the sequence, then gather the per-token log-probs (not the logits) over the CP group
+            from verl.models.mcore.cp_attention import cp_local_index
+
+            input_ids = mb["input_ids"]
+            seq = input_ids.shape[-1]
+            padded = _padded_length(self.tf_config, seq)
+            next_ids = torch.nn.functional.pad(input_ids[:, 1:], (0, padded - seq + 1))
+            labels = next_ids[:, cp_local_index(padded, cp_size, cp_rank, input_ids.device)]
+        else:
+            logits = logits[:, -length - 1:-1]
+            labels = responses
         if temperature != 1.0:
             logits = logits / temperature
-        return vocab_parallel_log_probs(logits,
-                                        responses,
-                                        self.vocab_size,
-                                        calculate_entropy=calculate_entropy,
-                                        tp_group=mpu.get_tensor_model_parallel_group(),
-                                        tp_rank=mpu.get_tensor_model_parallel_rank(),
-                                        tp_size=mpu.get_tensor_model_parallel_world_size(),
-                                        entropy_grad=entropy_grad)
+        log_probs, entropy = vocab_parallel_log_probs(logits,
+                                                      labels,
+                                                      self.vocab_size,
+                                                      calculate_entropy=calculate_entropy,
+                                                      tp_group=mpu.get_tensor_model_parallel_group(),
+                                                      tp_rank=mpu.get_tensor_model_parallel_rank(),
+                                                      tp_size=mpu.get_tensor_model_parallel_world_size(),
+                                                      entropy_grad=entropy_grad)
+        if cp_size > 1:
+            seq = mb["input_ids"].shape[-1]
+            log_probs = gather_cp_tokens(log_probs, self.tf_config, seq)[:, -length - 1:-1]
+            if entropy is not None:
+                entropy = gather_cp_tokens(entropy, self.tf_config, seq)[:, -length - 1:-1]
+        return log_probs, entropy
 
     def _train(self, mode: bool) -> None:
         for chunk in self.actor_module:

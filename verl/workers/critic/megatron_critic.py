@@ -15,7 +15,7 @@ from verl.utils.dp_update import FORWARD_KEYS, DPInfo, PPOSchedule, cfg_get, mic
 from verl.utils.megatron_cpu import device_scope
 from verl.utils.megatron_utils import broadcast_from_last_pp_stage, get_parallel_info, run_forward_backward
 from verl.utils.seqlen_balancing import restore_dynamic_batch
-from verl.workers.actor.megatron_actor import (_split, megatron_accumulate_grads, megatron_forward,
+from verl.workers.actor.megatron_actor import (_split, gather_cp_tokens, megatron_accumulate_grads, megatron_forward,
                                                megatron_optimizer_step, zero_megatron_grads)
 from verl.workers.critic.base import BasePPOCritic, ppo_value_loss
 
@@ -59,10 +59,10 @@ class MegatronPPOCritic(BasePPOCritic):
         for chunk in self.critic_module:
             chunk.train(mode)
 
-    @staticmethod
-    def _values(output: torch.Tensor, mb: Any) -> torch.Tensor:
+    def _values(self, output: torch.Tensor, mb: Any) -> torch.Tensor:
         length = mb["responses"].shape[-1]
-        return output[:, -length - 1:-1, 0].float()
+        values = gather_cp_tokens(output[..., 0], self.tf_config, mb["input_ids"].shape[-1])  # identity without CP
+        return values[:, -length - 1:-1].float()
 
     def compute_values(self, data: DataProto) -> torch.Tensor:
         """Values ``(batch, response_length)`` (zero on padding), on every rank."""
