@@ -109,6 +109,65 @@ def test_only_tp0_of_the_last_stage_is_collected():
     assert flags == {(0, 0): False, (1, 0): False, (0, 1): True, (1, 1): False}
 
 
+def test_only_cp_rank_0_of_a_data_parallel_group_is_collected():
+    flags = [MegatronParallelInfo(0, 1, 0, 1, 0, 1, cp_rank=c, cp_size=2).is_collect for c in range(2)]
+    assert flags == [True, False]
+
+
+def test_context_parallel_layout_is_megatrons_rotary_layout_and_the_mask_rows_are_the_full_masks():
+    from verl.models.mcore.cp_attention import cp_causal_padding_mask, cp_local_index, cp_padded_length
+
+    assert cp_padded_length(11, 2) == 12 and cp_padded_length(12, 2) == 12 and cp_padded_length(11, 2, 2) == 16
+    # 2 * CP chunks, rank r holds chunks r and 2 CP - 1 - r (megatron's get_pos_emb_on_this_cp_rank)
+    assert cp_local_index(8, 2, 0).tolist() == [0, 1, 6, 7] and cp_local_index(8, 2, 1).tolist() == [2, 3, 4, 5]
+    held = torch.cat([cp_local_index(12, 3, r) for r in range(3)])
+    assert sorted(held.tolist()) == list(range(12))
+    with pytest.raises(ValueError, match="multiple of 2"):
+        cp_local_index(10, 3, 0)
+    attention_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    full = causal_padding_mask(attention_mask)
+    for r in range(2):
+        index = cp_local_index(8, 2, r)
+        assert torch.equal(cp_causal_padding_mask(attention_mask, index), full[:, :, index])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("megatron.core") is None, reason="megatron-core is not installed")
+def test_megatron_rotary_positions_per_cp_rank_are_the_tokens_cp_local_index_picks():
+    """The rope table megatron slices for a CP rank holds the positions of the tokens this backend feeds it (on CPU
+    only through device_scope: megatron builds the index with pin_memory=True)."""
+    from megatron.core.models.common.embeddings.rope_utils import get_pos_emb_on_this_cp_rank
+
+    from verl.models.mcore.cp_attention import cp_local_index
+    from verl.utils.megatron_cpu import device_scope
+
+    class Group:
+
+        def __init__(self, rank):
+            self._rank = rank
+
+        def size(self):
+            return 2
+
+        def rank(self):
+            return self._rank
+
+    table = torch.arange(12.0).view(12, 1, 1, 1)
+    for r in range(2):
+        with device_scope():
+            sliced = get_pos_emb_on_this_cp_rank(table, 0, Group(r))
+        assert sliced.flatten().long().tolist() == cp_local_index(12, 2, r).tolist()
+
+
+def test_context_parallelism_is_refused_with_tensor_pipeline_or_expert_parallelism():
+    from verl.utils.megatron_utils import check_context_parallel_supported
+
+    check_context_parallel_supported({"context_parallel_size": 2}, "x")
+    check_context_parallel_supported({"context_parallel_size": 1, "tensor_model_parallel_size": 2}, "x")
+    for part in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
+        with pytest.raises(NotImplementedError, match=rf"x.context_parallel_size=2 together with x.{part}=2"):
+            check_context_parallel_supported({"context_parallel_size": 2, part: 2}, "x")
+
+
 @pytest.mark.skipif(importlib.util.find_spec("megatron.core") is None, reason="megatron-core is not installed")
 def test_device_scope_redirects_cuda_placement_on_cpu():
     from verl.utils.device import is_cuda_available
