@@ -81,6 +81,10 @@ def test_critic_values_and_update_match_hf(cp, tmp_path):
     _run("critic_vs_hf", 1, 1, tmp_path, cp=cp)
 
 
+def test_dist_checkpoint_with_context_parallelism_replays_the_next_update(tmp_path):
+    _run("checkpoint", 1, 1, tmp_path, cp=2)
+
+
 def test_critic_learns_values_with_tp(tmp_path):
     _run("critic", 2, 1, tmp_path)
 
