@@ -12,8 +12,9 @@ CUDA (``verl.utils.device.is_cuda_available()`` is False) this module
   and its device-to-host side stream) get one stand-in CPU stream whose events are always complete, so that
   dispatcher runs over gloo as on GPUs;
 * :func:`device_scope` (a context manager, per call): a ``TorchFunctionMode`` that turns ``device="cuda"`` /
-  ``Tensor.cuda()`` / ``.to("cuda")`` into the CPU and makes ``Tensor.type()`` report ``torch.cuda.*Tensor`` names,
-  which megatron's optimizers check before accepting a parameter.
+  ``Tensor.cuda()`` / ``.to("cuda")`` into the CPU, drops ``pin_memory=True`` (no pinned allocator without CUDA;
+  megatron's context-parallel rotary slicing asks for it) and makes ``Tensor.type()`` report ``torch.cuda.*Tensor``
+  names, which megatron's optimizers check before accepting a parameter.
 
 With CUDA both are no-ops, so the same worker code runs on GPUs untouched. Everything here is confined to megatron's
 use: verl code asks :mod:`verl.utils.device`, never ``torch.cuda``.

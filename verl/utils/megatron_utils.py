@@ -1,7 +1,8 @@
 """Building blocks of the Megatron-core backend shared by the actor, critic, reference and reward roles.
 
 * :func:`init_megatron_parallel` -- ``parallel_state.initialize_model_parallel`` from a ``*.megatron`` config section
-  (tensor x pipeline x data, expert parallelism over the data-parallel ranks; context parallelism is refused) and
+  (tensor x pipeline x context x data, expert parallelism over the data-parallel ranks; context parallelism only
+  with data parallelism, :func:`check_context_parallel_supported`) and
   the model-parallel RNG seeds;
 * :func:`build_megatron_model` -- the ``GPTModel`` chunks of this rank (one per virtual-pipeline stage) for a
   Hugging Face config, loaded from the HF checkpoint through :mod:`verl.models.mcore` (only the tensors this rank
