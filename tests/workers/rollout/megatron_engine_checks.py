@@ -1,7 +1,10 @@
 """The Megatron worker's hybrid engine with a real vLLM / SGLang engine: run by ``test_megatron_vllm.py`` and
 ``test_megatron_sglang.py`` as ``torchrun --nproc_per_node=N megatron_engine_checks.py ENGINE MEGATRON_TP ROLLOUT_TP
-OUT_DIR`` (a process of its own: megatron's CPU patches and parallel state, and the engine's distributed state, stay
-out of the pytest process).
+OUT_DIR [tied | moe [EP]]`` (a process of its own: megatron's CPU patches and parallel state, and the engine's
+distributed state, stay out of the pytest process). ``tied``: the tiny model with tied embeddings; ``moe``: a tiny
+Mixtral (4 experts, top-2) whose Megatron MoE layers spread over ``EP`` expert-parallel ranks (default 1), so the
+weight generator gathers the experts over EP and streams them with HF checkpoint names
+(``block_sparse_moe.experts.E.w1/w2/w3.weight``, ``block_sparse_moe.gate.weight``) into the engine.
 
 Each rank builds ``verl.workers.megatron_workers.ActorRolloutRefWorker`` (role ``actor_rollout``, config composed from
 ``ppo_megatron_trainer.yaml`` with ``rollout.name=ENGINE``) as the worker group would, and checks:
@@ -35,7 +38,7 @@ TEXTS = [
 ]
 
 
-def _config(engine: str, tp: int, rollout_tp: int, model_path: str):
+def _config(engine: str, tp: int, rollout_tp: int, model_path: str, ep: int = 1):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -54,6 +57,7 @@ def _config(engine: str, tp: int, rollout_tp: int, model_path: str):
         "actor_rollout_ref.actor.optim.lr=2e-2",
         "actor_rollout_ref.actor.optim.weight_decay=0.0",
         f"actor_rollout_ref.actor.megatron.tensor_model_parallel_size={tp}",
+        f"actor_rollout_ref.actor.megatron.expert_model_parallel_size={ep}",
     ]
     config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
     with initialize_config_dir(config_dir=config_dir, version_base=None):
@@ -146,7 +150,10 @@ def _check_sync_metrics(out, model) -> None:
 
 def main() -> None:
     engine, tp, rollout_tp, out_dir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    tied = sys.argv[5:] == ["tied"]  # the tiny model with tie_word_embeddings (as Qwen2.5-0.5B .. 3B)
+    variant = sys.argv[5] if len(sys.argv) > 5 else "dense"
+    tied = variant == "tied"  # the tiny model with tie_word_embeddings (as Qwen2.5-0.5B .. 3B)
+    moe = variant == "moe"  # tiny Mixtral, experts over EP ranks
+    ep = int(sys.argv[6]) if moe and len(sys.argv) > 6 else 1
     torch.set_num_threads(1)  # the CI box has 2 cores for all ranks and their engines
     if engine == "sglang" and not torch.cuda.is_available():
         os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")  # before anything imports SGLang
@@ -155,13 +162,20 @@ def main() -> None:
     from verl.workers.megatron_workers import ActorRolloutRefWorker
 
     start = time.perf_counter()
-    from verl.models.tiny import build_tiny_model, get_tiny_model_path
+    from verl.models.tiny import build_tiny_mixtral, build_tiny_model, get_tiny_model_path
 
-    model_path = (build_tiny_model(os.path.join(out_dir, f"tied-{os.environ.get('RANK', '0')}"),
-                                   tie_word_embeddings=True) if tied else get_tiny_model_path())
-    config = _config(engine, tp, rollout_tp, model_path)
+    own_dir = os.path.join(out_dir, f"{variant}-{os.environ.get('RANK', '0')}")
+    if tied:
+        model_path = build_tiny_model(own_dir, tie_word_embeddings=True)
+    elif moe:
+        model_path = build_tiny_mixtral(own_dir)  # 4 experts, top-2, decisive routers
+    else:
+        model_path = get_tiny_model_path()
+    config = _config(engine, tp, rollout_tp, model_path, ep=ep)
     worker = ActorRolloutRefWorker(config, role="actor_rollout")
     worker.init_model()
+    if moe:  # MoE layers really are split over the EP ranks
+        assert worker.tf_config.num_moe_experts == 4 and worker.converter.num_local_experts == 4 // ep
     rank, world = dist.get_rank(), dist.get_world_size()
     per_rank = len(TEXTS) // world
     prompts = _prompts(worker.tokenizer, slice(rank * per_rank, (rank + 1) * per_rank))
@@ -206,7 +220,8 @@ def main() -> None:
     assert moved > 50 * LOG_PROB_ATOL, f"the update moved the log-probs by only {moved:.2e}"
 
     print(
-        f"[rank {rank}] engine={engine} megatron tp={tp} rollout tp={rollout_tp}: build {built - start:.1f}s, "
+        f"[rank {rank}] engine={engine} megatron tp={tp} rollout tp={rollout_tp}"
+        f"{f' moe ep={ep}' if moe else ''}: build {built - start:.1f}s, "
         f"checks {time.perf_counter() - built:.1f}s; log-prob diff {diff0:.1e} / {diff1:.1e}, moved {moved:.2f}",
         flush=True)
     dist.barrier()
