@@ -3,7 +3,9 @@
 it, in a fresh process (torchrun, gloo). After the first sync (``update_weights_from_tensor`` in several buckets) and
 again after one PPO update of the Megatron actor, greedy generation equals the HF rollout of the actor's weights
 token for token and the engine's log-probs equal the Megatron actor's (see
-``tests/workers/rollout/megatron_engine_checks.py``). Megatron TP=1 (SGLang's tensor parallelism needs GPUs).
+``tests/workers/rollout/megatron_engine_checks.py``). Megatron TP=1 (SGLang's tensor parallelism needs GPUs), on the
+tiny model, its tied-embedding variant and a tiny Mixtral (MoE, Megatron EP=1; the EP=2 gather is engine-agnostic and
+runs against vLLM in ``tests/workers/rollout/vllm/test_megatron_vllm.py``: two SGLang engines take ~75 s here).
 
 Needs SGLang (``bash scripts/ci/setup_sglang_env.sh .venv-sglang``) and megatron-core; skipped without them.
 """
@@ -33,14 +35,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied_embeddings"])
-def test_megatron_actor_syncs_into_sglang(tmp_path, tied):
+@pytest.mark.parametrize("variant", ["dense", "tied", "moe"], ids=["untied", "tied_embeddings", "moe"])
+def test_megatron_actor_syncs_into_sglang(tmp_path, variant):
+    """``moe``: a tiny Mixtral (Megatron EP=1) whose experts and router reach SGLang under HF checkpoint names
+    (``block_sparse_moe.experts.E.w1/w2/w3.weight``, ``block_sparse_moe.gate.weight``)."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={_free_port()}", CHECKS,
         "sglang", "1", "1",
         str(tmp_path)
-    ] + (["tied"] if tied else [])
+    ] + ([variant] if variant != "dense" else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"sglang megatron tp=1 failed:\n{log[-8000:]}"
