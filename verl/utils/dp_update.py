@@ -127,6 +127,16 @@ def get_dp_info(module: torch.nn.Module) -> DPInfo:
     return DPInfo(1, None)
 
 
+def defer_gradient_reduction(module: torch.nn.Module, last_micro_batch: bool, dp: DPInfo) -> None:
+    """Call before each micro-batch's backward. On a one-rank FSDP2 mesh the per-micro-batch gradient
+    reduce-scatter only copies and casts every gradient into its shard; it is skipped for all but the last
+    micro-batch of an optimizer step, and FSDP2 accumulates the unsharded gradients in its reduce dtype (float32)
+    meanwhile, so the step sees the same sum. With more ranks every micro-batch reduces, so that no rank holds a
+    whole model's unsharded gradients."""
+    if dp.size == 1 and hasattr(module, "set_requires_gradient_sync"):
+        module.set_requires_gradient_sync(last_micro_batch)
+
+
 def _unit_count(response_mask: torch.Tensor, loss_agg_mode: str) -> float:
     if loss_agg_mode in _TOKEN_MODES:
         return float(response_mask.sum().item())

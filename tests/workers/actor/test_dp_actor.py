@@ -325,3 +325,49 @@ def _fsdp_actor_worker(rank, port):
 
 def test_fsdp2_two_ranks_match_single_rank():
     mp.spawn(_fsdp_actor_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+
+
+def _one_rank_deferral_worker(rank, port):
+    import verl.workers.actor.dp_actor as dp_actor_module
+    from verl.utils.dp_update import defer_gradient_reduction
+    from verl.utils.fsdp_utils import apply_fsdp2, create_device_mesh, get_full_state_dict
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", VERL_DEVICE="cpu")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        mesh = create_device_mesh(1, -1)
+        data = _with_old_log_probs(DataParallelPPOActor(_config(), _model()), _batch(seed=9))
+        results = []
+        for defer in (True, False):
+            calls = []
+
+            def spy(module, last, dp, defer=defer, calls=calls):
+                calls.append(last)
+                if defer:
+                    defer_gradient_reduction(module, last, dp)
+
+            dp_actor_module.defer_gradient_reduction = spy
+            model = apply_fsdp2(_model(), mesh)
+            synced = []
+            set_sync = model.set_requires_gradient_sync
+            model.set_requires_gradient_sync = lambda flag, **kw: (synced.append(flag), set_sync(flag, **kw))
+            actor = DataParallelPPOActor(_config(ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=2), model,
+                                         torch.optim.AdamW(model.parameters(), lr=1e-2))
+            metrics = actor.update_policy(data)
+            # 2 mini-batches of 2 micro-batches: only the last micro-batch of each optimizer step reduces
+            assert calls == [False, True, False, True]
+            assert synced == (calls if defer else [])
+            results.append((get_full_state_dict(model), metrics["actor/grad_norm"]))
+        (deferred, norms), (every, every_norms) = results
+        assert norms == every_norms
+        for name, value in every.items():
+            assert torch.equal(deferred[name], value), name
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_rank_fsdp_reduces_gradients_once_per_optimizer_step():
+    """On a one-rank FSDP2 mesh the gradient reduce-scatter runs on the last micro-batch of each optimizer step only;
+    the update is bit-identical to reducing after every micro-batch."""
+    mp.spawn(_one_rank_deferral_worker, args=(_free_port(),), nprocs=1, join=True)

@@ -24,7 +24,7 @@ import torch
 from verl.protocol import DataProto
 from verl.utils import torch_functional as verl_F
 from verl.utils.dp_update import (FORWARD_KEYS, PPOSchedule, require_batch_keys, cfg_get, device_of, get_dp_info,
-                                  guarded_optimizer_step, micro_batch_weight, run_ppo_epochs)
+                                  defer_gradient_reduction, guarded_optimizer_step, micro_batch_weight, run_ppo_epochs)
 from verl.utils.remove_padding import forward_response_positions, scatter_to_response
 from verl.utils.seqlen_balancing import prepare_dynamic_batch, restore_dynamic_batch
 from verl.utils.ulysses import check_ulysses_config, check_ulysses_group, ulysses_forward_response_positions
@@ -213,7 +213,8 @@ class DataParallelPPOActor(BasePPOActor):
         def accumulate_grads(micro_batches: list, global_units: float) -> list[dict[str, Any]]:
             self.actor_optimizer.zero_grad(set_to_none=True)
             micro_metrics = []
-            for micro in micro_batches:
+            for index, micro in enumerate(micro_batches):
+                defer_gradient_reduction(self.actor_module, index == len(micro_batches) - 1, dp)
                 mb = micro.batch.to(device_of(self.actor_module))
                 entropy, log_prob = self._forward_micro_batch(mb,
                                                               temperature,

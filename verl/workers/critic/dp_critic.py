@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from verl.protocol import DataProto
-from verl.utils.dp_update import (FORWARD_KEYS, PPOSchedule, cfg_get, device_of, get_dp_info, guarded_optimizer_step,
-                                  micro_batch_weight, run_ppo_epochs)
+from verl.utils.dp_update import (FORWARD_KEYS, PPOSchedule, cfg_get, defer_gradient_reduction, device_of, get_dp_info,
+                                  guarded_optimizer_step, micro_batch_weight, run_ppo_epochs)
 from verl.utils.remove_padding import forward_response_positions, scatter_to_response
 from verl.utils.seqlen_balancing import prepare_dynamic_batch, restore_dynamic_batch
 from verl.utils.ulysses import check_ulysses_config, check_ulysses_group, ulysses_forward_response_positions
@@ -156,7 +156,8 @@ class DataParallelPPOCritic(BasePPOCritic):
         def accumulate_grads(micro_batches: list, global_units: float) -> list[dict[str, Any]]:
             self.critic_optimizer.zero_grad(set_to_none=True)
             micro_metrics = []
-            for micro in micro_batches:
+            for index, micro in enumerate(micro_batches):
+                defer_gradient_reduction(self.critic_module, index == len(micro_batches) - 1, dp)
                 mb = micro.batch.to(device_of(self.critic_module))
                 vf_loss, metrics = ppo_value_loss(self._forward_micro_batch(mb), mb, cliprange_value,
                                                   schedule.loss_agg_mode)
