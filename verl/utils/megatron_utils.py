@@ -283,7 +283,7 @@ def _transformer_config(hf_config: Any, megatron_cfg: Any, dtype: torch.dtype) -
         logger.warning("sequence_parallel=True needs Transformer Engine or Apex norms; running without it")
         kwargs["sequence_parallel"] = False
     kwargs.setdefault("use_cpu_initialization", True)  # weights come from the checkpoint: no device-side init
-    kwargs.setdefault("perform_initialization", False)
+    kwargs.setdefault("perform_initialization", False)  # build_gpt_model then marks the TP weights as init does
     if not is_cuda_available():
         # the fused kernels (bias+activation, masked softmax) are CUDA-only; torch fallbacks on CPU
         kwargs["bias_activation_fusion"] = False

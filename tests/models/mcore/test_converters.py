@@ -561,3 +561,43 @@ def test_state_dict_matches_a_real_megatron_gpt_model(models, tmp_path):
         ps.destroy_model_parallel()
         if owns_pg:
             dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not HAS_MCORE, reason="megatron-core is not installed (pip install -e .[megatron])")
+@pytest.mark.parametrize("name", ["tiny_qwen2", "llama_gqa_tied_bias"])
+def test_tp_weights_built_without_init_are_marked_as_megatrons_init_marks_them(models, name, tmp_path):
+    """Built without weight init (verl's ``perform_initialization=False``), the TP layers' weights carry the TP
+    attributes that megatron's init gives them (``tensor_model_parallel``, ``partition_dim``, ``partition_stride``),
+    which its gradient norm reads to count split weights on every TP rank and replicated ones once; they agree with
+    the converter's TP split of every parameter."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from verl.models.mcore import build_gpt_model, layout_from_transformer_config, make_transformer_config
+
+    config = models[name][0]
+    attrs = ("tensor_model_parallel", "partition_dim", "partition_stride")
+    owns_pg = not dist.is_initialized()
+    if owns_pg:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        ps.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+        marks = {}
+        for init in (True, False):
+            tf = make_transformer_config(
+                hf_to_mcore_config(config,
+                                   dtype="fp32",
+                                   use_cpu_initialization=True,
+                                   perform_initialization=init,
+                                   gradient_accumulation_fusion=False))
+            mc = build_gpt_model(config, tf, use_transformer_engine=False)
+            marks[init] = {n: tuple(getattr(p, a, None) for a in attrs) for n, p in mc.named_parameters()}
+        assert marks[False] == marks[True]
+        assert marks[False]["decoder.layers.0.mlp.linear_fc1.weight"] == (True, 0, 2)  # gated: [gate, up] per rank
+        converter = get_weight_converter(config, layout_from_transformer_config(tf, False))
+        for param, (split, dim, _) in marks[False].items():
+            assert (dim if split else None) == converter.tp_split_dim(param), param
+    finally:
+        ps.destroy_model_parallel()
+        if owns_pg:
+            dist.destroy_process_group()

@@ -127,9 +127,12 @@ def _check_update_matches_hf_and_sync(actor: Any,
                                       label: str,
                                       tp: int,
                                       pp: int,
-                                      grad_norm: float | None = None) -> None:
+                                      grad_norm: float | None = None,
+                                      grads: dict[str, torch.Tensor] | None = None) -> None:
     """After one PPO update of the actor (log-probs ``lp`` -> ``lp_after``): they equal one HF AdamW step on the
-    same token-mean loss, and the trained weights, resharded into an HF rollout model, give the actor's log-probs."""
+    same token-mean loss, and the trained weights, resharded into an HF rollout model, give the actor's log-probs.
+    ``grad_norm``: the norm the actor reported, checked against HF's gradient norm of the loss; ``grads``: the actor's
+    gradients in HF names and layout (:func:`_hf_layout_grads`), checked against HF's parameter by parameter."""
     from transformers import AutoModelForCausalLM
 
     from verl.trainer.ppo import core_algos
@@ -145,9 +148,16 @@ def _check_update_matches_hf_and_sync(actor: Any,
                                                        loss_agg_mode="token-mean",
                                                        config=actor_cfg)
     loss.backward()
-    # Adam's first step is nearly scale-free (about lr * sign(grad)): the norm checks the gradient's scale. Not checked
-    # at TP > 1: there megatron reports 4.34089 against HF's 5.92918 (with and without the distributed optimizer),
-    # still to be explained (its grad-norm reduction over TP, or the TP gradient itself)
+    if grads is not None:
+        hf_grads = {n: p.grad for n, p in hf.named_parameters() if p.grad is not None}
+        assert set(grads) == set(hf_grads), sorted(set(grads) ^ set(hf_grads))
+        rel = {n: ((grads[n] - g).norm() / g.norm().clamp_min(1e-12)).item() for n, g in hf_grads.items()}
+        worst = max(rel, key=rel.get)
+        _report(f"{label}gradients of {len(rel)} parameters: worst |megatron - HF| / |HF| ({worst})", rel[worst], tp,
+                pp)
+        assert rel[worst] < 1e-4, {n: r for n, r in rel.items() if r >= 1e-4}
+    # Adam's first step is nearly scale-free (about lr * sign(grad)): the norm checks the gradient's scale, and at
+    # TP > 1 that megatron counts the TP-split weights on every TP rank (mark_tensor_parallel_weights)
     if grad_norm is not None:
         hf_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in hf.parameters() if p.grad is not None
                                                        ])).item()
@@ -172,10 +182,27 @@ def _check_update_matches_hf_and_sync(actor: Any,
     assert err < 2e-4, f"the rollout's log-probs differ from the trained actor's by {err}"
 
 
+def _hf_layout_grads(chunks: list, converter: Any) -> dict[str, torch.Tensor]:
+    """The accumulated gradients of the model chunks (``main_grad``, megatron's DDP gradient buffers) gathered over
+    TP and PP into HF names and layout, on every rank, by the weight generator that streams the weights (the layouts
+    are the same). Whole only where DP x CP is 1: the distributed optimizer's reduce-scatter leaves each DP x CP rank
+    the sum of its own shard only."""
+    from verl.utils.megatron_utils import unwrap_model
+    from verl.workers.sharding_manager.megatron_hf import MegatronWeightGenerator
+
+    class GradGenerator(MegatronWeightGenerator):
+
+        def _local_params(self) -> list[dict[str, torch.Tensor]]:
+            return [{n: p.main_grad for n, p in unwrap_model(c).named_parameters()} for c in self.actor_module]
+
+    return {name: t.detach().cpu().clone() for name, t in GradGenerator(chunks, converter).iter_hf_weights()}
+
+
 def check_actor(tp: int, pp: int, cp: int = 1) -> None:
     """Log-probs equal the HF model's; one PPO update changes them and matches an HF update's log-probs; the hybrid
-    engine then streams the trained weights into an HF rollout model whose log-probs equal the actor's. Prints the
-    measured differences (``[check_actor] ...``) for the record. ``cp``: context-parallel size (all-gathered K/V)."""
+    engine then streams the trained weights into an HF rollout model whose log-probs equal the actor's. The reported
+    gradient norm equals HF's, and (where DP x CP is 1) so does every parameter's gradient. Prints the measured
+    differences (``[check_actor] ...``) for the record. ``cp``: context-parallel size (all-gathered K/V)."""
     from transformers import AutoModelForCausalLM
 
     from verl.utils.megatron_utils import build_megatron_model
@@ -205,12 +232,21 @@ def check_actor(tp: int, pp: int, cp: int = 1) -> None:
 
     # one PPO step = one HF AdamW step on the same token-mean loss
     data.batch["old_log_probs"] = lp.clone()
+    grads: dict[str, torch.Tensor] = {}
+    if info.dp_size * info.cp_size == 1:  # the mini-batch's gradients, taken just before the optimizer step
+        step = actor._optimizer_step
+
+        def capture_then_step() -> tuple[float, bool]:
+            grads.update(_hf_layout_grads(chunks, converter))
+            return step()
+
+        actor._optimizer_step = capture_then_step
     metrics = actor.update_policy(data)
     assert "actor/pg_loss" in metrics or not info.is_last_stage
     assert metrics["actor/skipped_steps"] == [0.0] and all(torch.isfinite(torch.tensor(metrics["actor/grad_norm"])))
     lp_after, _ = actor.compute_log_prob(data)
     _check_update_matches_hf_and_sync(actor, actor_cfg, hf, hf_config, chunks, converter, data, lp, lp_after, "", tp,
-                                      pp, metrics["actor/grad_norm"][0] if tp == 1 else None)
+                                      pp, metrics["actor/grad_norm"][0], grads or None)
 
 
 def _report(what: str, value: float, tp: int, pp: int) -> None:

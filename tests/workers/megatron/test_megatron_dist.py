@@ -75,10 +75,10 @@ def test_actor_with_context_parallelism_matches_hf(tmp_path):
     _run("actor", 1, 1, tmp_path, cp=2)
 
 
-@pytest.mark.parametrize("cp", [2, 1], ids=["cp2", "dp2"])
-def test_critic_values_and_update_match_hf(cp, tmp_path):
+@pytest.mark.parametrize("tp,cp", [(1, 2), (1, 1), (2, 1)], ids=["cp2", "dp2", "tp2"])
+def test_critic_values_and_update_match_hf(tp, cp, tmp_path):
     """Values equal the HF backbone x value head; the gradient norm and one update equal HF AdamW's."""
-    _run("critic_vs_hf", 1, 1, tmp_path, cp=cp)
+    _run("critic_vs_hf", tp, 1, tmp_path, cp=cp)
 
 
 def test_dist_checkpoint_with_context_parallelism_replays_the_next_update(tmp_path):
