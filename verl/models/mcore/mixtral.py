@@ -29,17 +29,19 @@ The converter speaks the checkpoint naming (its output feeds the engines and the
 also accepts the in-memory one. :func:`mixtral_to_checkpoint_names` / :func:`mixtral_to_in_memory_names` map whole
 state dicts; :func:`mixtral_module_target` maps one checkpoint name to the slice of an in-memory parameter, which is
 how the HF rollout model (:class:`verl.workers.sharding_manager.megatron_hf.HFModuleWeightLoader`) takes a streamed
-expert tensor.
+expert tensor. These three live in :mod:`verl.models.moe_names` (torch only, shared with the FSDP engine syncs) and
+are re-exported here.
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping, Optional
 
 import torch
 
 from verl.models.mcore.weight_converter import (_COPY, _GATE_UP, _HF_LAYER, DecoderDims, DenseDecoderWeightConverter,
                                                 McoreLayout, _cfg, _Rule)
+from verl.models.moe_names import (MIXTRAL_IN_MEMORY_EXPERTS_RE, mixtral_module_target, mixtral_to_checkpoint_names,
+                                   mixtral_to_in_memory_names)
 
 __all__ = [
     "MixtralWeightConverter",
@@ -48,80 +50,12 @@ __all__ = [
     "mixtral_module_target",
 ]
 
-_CKPT_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
-_CKPT_GATE_RE = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight$")
-_MEM_EXPERTS_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
-_MEM_GATE_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.weight$")
-
 
 def _num_experts(hf_config: Any) -> int:
     value = _cfg(hf_config, "num_local_experts", "num_experts", default=None)
     if value is None:
         raise ValueError("a Mixtral config needs num_local_experts")
     return int(value)
-
-
-def mixtral_module_target(name: str, intermediate_size: int) -> Optional[tuple[str, tuple]]:
-    """Where checkpoint-named tensor ``name`` goes in a transformers-5 Mixtral module: ``(parameter name, index)``
-    with ``parameter[index]`` of the tensor's shape; None for names that are the same in both namings."""
-    match = _CKPT_EXPERT_RE.match(name)
-    if match:
-        layer, expert, which = int(match.group(1)), int(match.group(2)), match.group(3)
-        prefix = f"model.layers.{layer}.mlp.experts."
-        if which == "w2":
-            return prefix + "down_proj", (expert,)
-        rows = slice(0, intermediate_size) if which == "w1" else slice(intermediate_size, 2 * intermediate_size)
-        return prefix + "gate_up_proj", (expert, rows)
-    match = _CKPT_GATE_RE.match(name)
-    if match:
-        return f"model.layers.{match.group(1)}.mlp.gate.weight", ()
-    return None
-
-
-def mixtral_to_checkpoint_names(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A Mixtral state dict in the checkpoint naming (per-expert ``block_sparse_moe.experts.{e}.w1/w2/w3``); the
-    in-memory fused tensors of transformers 5 are split (views), other names pass through."""
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in state_dict.items():
-        match = _MEM_EXPERTS_RE.match(name)
-        if match:
-            prefix = f"model.layers.{match.group(1)}.block_sparse_moe.experts."
-            for expert in range(tensor.shape[0]):
-                if match.group(2) == "down_proj":
-                    out[f"{prefix}{expert}.w2.weight"] = tensor[expert]
-                else:
-                    gate, up = torch.chunk(tensor[expert], 2, dim=0)
-                    out[f"{prefix}{expert}.w1.weight"] = gate
-                    out[f"{prefix}{expert}.w3.weight"] = up
-            continue
-        match = _MEM_GATE_RE.match(name)
-        out[f"model.layers.{match.group(1)}.block_sparse_moe.gate.weight" if match else name] = tensor
-    return out
-
-
-def mixtral_to_in_memory_names(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A Mixtral state dict in transformers 5's in-memory naming (``mlp.gate``, fused ``mlp.experts.gate_up_proj`` /
-    ``down_proj``), what ``model.load_state_dict`` of a transformers-5 ``MixtralForCausalLM`` takes."""
-    out: dict[str, torch.Tensor] = {}
-    experts: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
-    for name, tensor in state_dict.items():
-        match = _CKPT_EXPERT_RE.match(name)
-        if match:
-            experts.setdefault((int(match.group(1)), match.group(3)), {})[int(match.group(2))] = tensor
-            continue
-        match = _CKPT_GATE_RE.match(name)
-        out[f"model.layers.{match.group(1)}.mlp.gate.weight" if match else name] = tensor
-    for layer in sorted({layer for layer, _ in experts}):
-        parts = {w: experts.get((layer, w), {}) for w in ("w1", "w2", "w3")}
-        count = len(parts["w1"])
-        if any(sorted(p) != list(range(count)) for p in parts.values()):
-            raise ValueError(f"layer {layer}: the experts' w1/w2/w3 tensors are incomplete "
-                             f"({ {w: sorted(p) for w, p in parts.items()} })")
-        prefix = f"model.layers.{layer}.mlp.experts."
-        out[prefix + "gate_up_proj"] = torch.stack(
-            [torch.cat([parts["w1"][e], parts["w3"][e]], dim=0) for e in range(count)])
-        out[prefix + "down_proj"] = torch.stack([parts["w2"][e] for e in range(count)])
-    return out
 
 
 class MixtralWeightConverter(DenseDecoderWeightConverter):
@@ -168,7 +102,7 @@ class MixtralWeightConverter(DenseDecoderWeightConverter):
                                  module_names: set[str]) -> dict[str, torch.Tensor]:
         """The in-memory naming (:func:`mixtral_to_in_memory_names`) when the module has fused experts
         (transformers >= 5), else the checkpoint naming unchanged (transformers 4)."""
-        if any(_MEM_EXPERTS_RE.match(name) for name in module_names):
+        if any(MIXTRAL_IN_MEMORY_EXPERTS_RE.match(name) for name in module_names):
             return mixtral_to_in_memory_names(hf_state_dict)
         return hf_state_dict
 
