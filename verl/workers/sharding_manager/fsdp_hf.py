@@ -180,7 +180,7 @@ class FSDPHFShardingManager(BaseShardingManager):
 
 class FSDPWeightSource:
     """The actor side of an engine sharding manager fed by an FSDP actor (vLLM, SGLang): full parameters gathered
-    in buckets with clean Hugging Face names, and the FSDP parameter offload around the sync. Subclasses set
+    in buckets with clean Hugging Face checkpoint names, and the FSDP parameter offload around the sync. Subclasses set
     ``module``, ``offload_param`` and ``bucket_bytes``, and say which dtype the engine wants (``_engine_dtype``)."""
 
     module: Any
@@ -191,12 +191,18 @@ class FSDPWeightSource:
         return None
 
     def _weight_buckets(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """The actor's full weights in the engines' (checkpoint) naming: the HF module's in-memory state is converted
+        by :func:`verl.models.moe_names.checkpoint_name_converter` (transformers 5 fuses some MoE models' experts in
+        memory, while vLLM's and SGLang's loaders take one tensor per expert; the identity for dense models). A fused
+        tensor becomes per-expert views of itself, so a bucket holds no more bytes than it was gathered with."""
+        from verl.models.moe_names import checkpoint_name_converter
         from verl.utils.fsdp_utils import iter_full_params_in_buckets
 
+        convert = checkpoint_name_converter(self.module)
         for bucket in iter_full_params_in_buckets(self.module,
                                                   bucket_bytes=self.bucket_bytes,
                                                   dtype=self._engine_dtype()):
-            yield [(_clean_name(name), tensor) for name, tensor in bucket]
+            yield [named for name, tensor in bucket for named in convert(_clean_name(name), tensor)]
             del bucket
 
     def _load_actor(self) -> None:

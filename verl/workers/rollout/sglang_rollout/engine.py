@@ -109,10 +109,18 @@ def _cuda_ipc_payload(obj: Any) -> bytes:
     return MultiprocessingSerializer.serialize(obj)
 
 
+def own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` contiguous and alone in its storage: a view into a larger tensor (one expert of a fused MoE
+    parameter) is copied, since pickling or safetensors would otherwise carry (or refuse) the whole shared storage."""
+    tensor = tensor.detach().contiguous()
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        tensor = tensor.clone()
+    return tensor
+
+
 def _inline_payload(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> bytes:
     """Pickle CPU tensors with their data (``torch.save`` storages), which SGLang's safe unpickler accepts."""
-    return pickle.dumps([(name, t.detach().contiguous()) for name, t in named_tensors],
-                        protocol=pickle.HIGHEST_PROTOCOL)
+    return pickle.dumps([(name, own_storage(t)) for name, t in named_tensors], protocol=pickle.HIGHEST_PROTOCOL)
 
 
 # ---------------------------------------------------------------------------------------------- offline engine ---
