@@ -352,10 +352,8 @@ class SGLangShardingManager(TPGroupShardingManager):
         else:  # disk
             from safetensors.torch import save_file
 
-            from verl.workers.rollout.sglang_rollout.engine import own_storage
-
             file = f"model-{index:05d}.safetensors"
-            save_file({n: own_storage(t.cpu()) for n, t in named}, os.path.join(self.sync_dir, file))
+            save_file({n: t.detach().contiguous().cpu() for n, t in named}, os.path.join(self.sync_dir, file))
             self._disk_index.update({n: file for n, _ in named})
 
     def _send_tp_handles(self, named: list[tuple[str, torch.Tensor]], call_engine: bool = True) -> None:

@@ -111,7 +111,7 @@ def _cuda_ipc_payload(obj: Any) -> bytes:
 
 def own_storage(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` contiguous and alone in its storage: a view into a larger tensor (one expert of a fused MoE
-    parameter) is copied, since pickling or safetensors would otherwise carry (or refuse) the whole shared storage."""
+    parameter) is copied, since pickling a view carries its whole storage (every expert, once per view)."""
     tensor = tensor.detach().contiguous()
     if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
         tensor = tensor.clone()
