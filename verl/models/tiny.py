@@ -204,7 +204,7 @@ def build_tiny_model(out_dir: str,
         raise ValueError(f"unknown tiny model variant {variant!r}; choose one of {list(VARIANTS)}")
     import torch
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification,
-                              GenerationConfig, Qwen2Config)
+                              Qwen2Config)
 
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     os.makedirs(out_dir, exist_ok=True)
@@ -250,7 +250,17 @@ def build_tiny_model(out_dir: str,
     finally:
         if not bars_were_disabled:
             hf_logging.enable_progress_bar()
-    if variant == "causal_lm":
+    _save_generation_assets(out_dir, tokenizer, pad_id, eos_id, max_position_embeddings, variant == "causal_lm")
+    return out_dir
+
+
+def _save_generation_assets(out_dir: str, tokenizer: Any, pad_id: int, eos_id: int, max_position_embeddings: int,
+                            generation_config: bool) -> None:
+    """The tokenizer files, and for a causal LM the generation config (sampling by default; EOS or padding ends a
+    sequence), that every tiny model directory carries next to its weights."""
+    from transformers import GenerationConfig
+
+    if generation_config:
         GenerationConfig(bos_token_id=pad_id,
                          eos_token_id=[eos_id, pad_id],
                          pad_token_id=pad_id,
@@ -258,7 +268,6 @@ def build_tiny_model(out_dir: str,
                          temperature=1.0,
                          top_p=1.0).save_pretrained(out_dir)
     _save_tokenizer(tokenizer, out_dir, max_position_embeddings)
-    return out_dir
 
 
 def build_tiny_mixtral(out_dir: str,
@@ -277,7 +286,7 @@ def build_tiny_mixtral(out_dir: str,
     the defaults. Returns the absolute path.
     """
     import torch
-    from transformers import GenerationConfig, MixtralConfig, MixtralForCausalLM
+    from transformers import MixtralConfig, MixtralForCausalLM
 
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     os.makedirs(out_dir, exist_ok=True)
@@ -307,13 +316,7 @@ def build_tiny_mixtral(out_dir: str,
     model.eval()
     model.should_save_on_this_rank = lambda is_main_process: True  # every rank writes its own copy
     model.save_pretrained(out_dir, safe_serialization=True)
-    GenerationConfig(bos_token_id=pad_id,
-                     eos_token_id=[eos_id, pad_id],
-                     pad_token_id=pad_id,
-                     do_sample=True,
-                     temperature=1.0,
-                     top_p=1.0).save_pretrained(out_dir)
-    _save_tokenizer(tokenizer, out_dir, max_position_embeddings)
+    _save_generation_assets(out_dir, tokenizer, pad_id, eos_id, max_position_embeddings, True)
     return out_dir
 
 

@@ -144,5 +144,26 @@ def main() -> None:
         worker.rollout.shutdown()  # its scheduler processes
 
 
+def run_in_fresh_process(engine: str, out_dir: str, env: dict[str, str]) -> None:
+    """Run these checks for ``engine`` under torchrun (one rank) in ``out_dir``; fails with the log's tail unless the
+    rank passed, and prints the measured differences."""
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={port}",
+        os.path.abspath(__file__), engine,
+        str(out_dir)
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=str(out_dir))
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"fsdp moe -> {engine} failed:\n{log[-8000:]}"
+    assert os.path.isfile(os.path.join(out_dir, "ok-0")), log[-3000:]
+    print("\n".join(line for line in log.splitlines() if line.startswith("[fsdp moe")))
+
+
 if __name__ == "__main__":
     main()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
 import sys
 
 import pytest
@@ -24,26 +23,9 @@ if importlib.util.find_spec("vllm") is None:
         "(bash scripts/ci/setup_vllm_env.sh .venv-vllm)",
         allow_module_level=True)
 
-CHECKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fsdp_engine_checks.py")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fsdp_engine_checks import run_in_fresh_process  # noqa: E402
 
 
 def test_fsdp_moe_actor_syncs_into_vllm(tmp_path):
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={_free_port()}", CHECKS,
-        "vllm",
-        str(tmp_path)
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"fsdp moe -> vllm failed:\n{log[-8000:]}"
-    assert (tmp_path / "ok-0").is_file(), log[-3000:]
-    print("\n".join(line for line in log.splitlines() if line.startswith("[fsdp moe")))
+    run_in_fresh_process("vllm", str(tmp_path), dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"))
