@@ -293,23 +293,29 @@ def _lazy_registry_check(module: str, getter: str, key: str, name: Any) -> None:
         raise ConfigError(f"{key}: {msg}. Fix: set {key} to a registered name") from exc
 
 
-#: parallel sizes that context parallelism (CP > 1) is not combined with yet: CP is implemented with all-gathered K/V
-#: in the local layer spec (verl.models.mcore.cp_attention) and tested with data parallelism only
-_MEGATRON_NOT_WITH_CP = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size")
-
-
 def _check_megatron_unsupported(config: Any, section: str) -> None:
+    """Context parallelism (CP > 1; all-gathered K/V in the local layer spec, verl.models.mcore.cp_attention) is
+    tested with data parallelism and with TP or PP (also virtual) on 4 ranks: CP with EP, or with TP and PP both
+    > 1, is refused."""
     cp = _int(config, f"{section}.context_parallel_size", 1, minimum=1)
     if cp == 1:
         return
-    for part in _MEGATRON_NOT_WITH_CP:
-        if _int(config, f"{section}.{part}", 1, minimum=1) > 1:
-            _fail(
-                f"{section}.{part}", f"> 1 together with {section}.context_parallel_size={cp} is not supported yet "
-                "(context parallelism is implemented and tested with data parallelism only)",
-                f"set {section}.{part}=1, or {section}.context_parallel_size=1 (for long sequences the FSDP actor "
-                "also has actor_rollout_ref.actor.ulysses_sequence_parallel_size with "
-                "actor_rollout_ref.model.use_remove_padding=True)")
+    if _int(config, f"{section}.expert_model_parallel_size", 1, minimum=1) > 1:
+        _fail(
+            f"{section}.expert_model_parallel_size", f"> 1 together with {section}.context_parallel_size={cp} is not "
+            "supported yet (context parallelism is not implemented for mixture-of-experts models)",
+            f"set {section}.expert_model_parallel_size=1, or {section}.context_parallel_size=1")
+    tp = _int(config, f"{section}.tensor_model_parallel_size", 1, minimum=1)
+    pp = _int(config, f"{section}.pipeline_model_parallel_size", 1, minimum=1)
+    if tp > 1 and pp > 1:
+        _fail(
+            f"{section}.pipeline_model_parallel_size", f"> 1 together with {section}.tensor_model_parallel_size={tp} "
+            f"and {section}.context_parallel_size={cp} is not supported yet (context parallelism is tested with "
+            "tensor or pipeline parallelism, not with both at once)",
+            f"set {section}.pipeline_model_parallel_size=1 or {section}.tensor_model_parallel_size=1, or "
+            f"{section}.context_parallel_size=1 (for long sequences the FSDP actor also has "
+            "actor_rollout_ref.actor.ulysses_sequence_parallel_size with "
+            "actor_rollout_ref.model.use_remove_padding=True)")
 
 
 def _dp_size(config: Any, section: str, n_gpus: int, sp_key: str) -> tuple[int, int]:

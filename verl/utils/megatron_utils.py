@@ -1,8 +1,8 @@
 """Building blocks of the Megatron-core backend shared by the actor, critic, reference and reward roles.
 
 * :func:`init_megatron_parallel` -- ``parallel_state.initialize_model_parallel`` from a ``*.megatron`` config section
-  (tensor x pipeline x context x data, expert parallelism over the data-parallel ranks; context parallelism only
-  with data parallelism, :func:`check_context_parallel_supported`) and
+  (tensor x pipeline x context x data, expert parallelism over the data-parallel ranks; context parallelism with
+  data parallelism and with TP or PP, not EP, :func:`check_context_parallel_supported`) and
   the model-parallel RNG seeds;
 * :func:`build_megatron_model` -- the ``GPTModel`` chunks of this rank (one per virtual-pipeline stage) for a
   Hugging Face config, loaded from the HF checkpoint through :mod:`verl.models.mcore` (only the tensors this rank
@@ -102,20 +102,26 @@ def _sizes(megatron_cfg: Any) -> tuple[int, int, Optional[int]]:
 
 
 def check_context_parallel_supported(megatron_cfg: Any, label: str) -> None:
-    """Context parallelism (:mod:`verl.models.mcore.cp_attention`) is tested with data parallelism only; its
-    combinations with tensor / pipeline / expert parallelism are refused with an error that says so."""
+    """Context parallelism (:mod:`verl.models.mcore.cp_attention`) is tested with data parallelism and with either
+    tensor or pipeline (also virtual pipeline) parallelism; CP with expert parallelism, and CP with TP and PP both
+    > 1 (untested: 8 ranks), are refused with an error that says so."""
     cp = int(cfg_get(megatron_cfg, "context_parallel_size", 1) or 1)
     if cp == 1:
         return
-    tp, pp, vpp = _sizes(megatron_cfg)
+    tp, pp, _ = _sizes(megatron_cfg)
     ep = int(cfg_get(megatron_cfg, "expert_model_parallel_size", 1) or 1)
-    others = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "expert_model_parallel_size": ep}
-    bad = {k: v for k, v in others.items() if v > 1}
-    if bad:
-        names = ", ".join(f"{label}.{k}={v}" for k, v in bad.items())
-        raise NotImplementedError(f"{label}.context_parallel_size={cp} together with {names} is not supported yet "
-                                  "(context parallelism is implemented and tested with data parallelism only); set "
-                                  f"those to 1 or {label}.context_parallel_size=1")
+    if ep > 1:
+        raise NotImplementedError(
+            f"{label}.context_parallel_size={cp} together with {label}.expert_model_parallel_size="
+            f"{ep} is not supported yet (context parallelism is not implemented for "
+            f"mixture-of-experts models); set {label}.expert_model_parallel_size=1 or "
+            f"{label}.context_parallel_size=1")
+    if tp > 1 and pp > 1:
+        raise NotImplementedError(
+            f"{label}.context_parallel_size={cp} together with {label}.tensor_model_parallel_size="
+            f"{tp} and {label}.pipeline_model_parallel_size={pp} is not supported yet (context "
+            "parallelism is tested with tensor or pipeline parallelism, not with both at once); "
+            f"set one of them to 1 or {label}.context_parallel_size=1")
 
 
 def init_megatron_parallel(megatron_cfg: Any, label: str) -> MegatronParallelInfo:
@@ -281,6 +287,13 @@ def _transformer_config(hf_config: Any, megatron_cfg: Any, dtype: torch.dtype) -
         # megatron-core's torch RMSNorm (the local layer spec without Transformer Engine / Apex) refuses sequence
         # parallelism; it only saves activation memory, the results are the same without it
         logger.warning("sequence_parallel=True needs Transformer Engine or Apex norms; running without it")
+        kwargs["sequence_parallel"] = False
+    if (kwargs.get("sequence_parallel") and int(kwargs.get("context_parallel_size") or 1) > 1 and
+            not _module_available("transformer_engine")):
+        # context parallelism without Transformer Engine (verl.models.mcore.cp_attention) is tested without sequence
+        # parallelism (Apex norms only); the results are the same without it
+        logger.warning("sequence_parallel=True with context_parallel_size > 1 is untested without Transformer Engine; "
+                       "running without it")
         kwargs["sequence_parallel"] = False
     kwargs.setdefault("use_cpu_initialization", True)  # weights come from the checkpoint: no device-side init
     kwargs.setdefault("perform_initialization", False)  # build_gpt_model then marks the TP weights as init does

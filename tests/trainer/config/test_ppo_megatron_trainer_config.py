@@ -91,25 +91,30 @@ def test_validate_config_uses_the_megatron_data_parallel_size():
         validate_config(bad, check_paths=False)
 
 
-def test_context_parallelism_is_accepted_with_data_parallelism_and_refused_with_tp_pp():
-    """CP > 1 divides the devices like TP x PP (DP = devices / (TP x PP x CP)); its combinations with TP / PP / EP
-    are refused on the driver with the reason and the fix."""
-    cfg = _compose(
-        "ppo_megatron_trainer", SMALL_RUN +
-        ["trainer.n_gpus_per_node=4", "trainer.device=cpu", "actor_rollout_ref.actor.megatron.context_parallel_size=2"])
-    OmegaConf.resolve(cfg)
-    validate_config(cfg, check_paths=False)  # dp = 4 / 2
-    for part in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
-        bad = _compose(
-            "ppo_megatron_trainer", SMALL_RUN + [
-                "trainer.n_gpus_per_node=4", "trainer.device=cpu",
-                "actor_rollout_ref.actor.megatron.context_parallel_size=2", f"actor_rollout_ref.actor.megatron.{part}=2"
-            ])
+def test_context_parallelism_is_accepted_with_dp_tp_or_pp_and_refused_with_tp_and_pp_or_ep():
+    """CP > 1 divides the devices like TP x PP (DP = devices / (TP x PP x CP)); it combines with TP or PP, and its
+    combinations with TP and PP both > 1 or with EP are refused on the driver with the reason and the fix."""
+    base = SMALL_RUN + ["trainer.device=cpu", "actor_rollout_ref.actor.megatron.context_parallel_size=2"]
+    for extra in ([], ["actor_rollout_ref.actor.megatron.tensor_model_parallel_size=2"], [
+            "actor_rollout_ref.actor.megatron.pipeline_model_parallel_size=2",
+            "actor_rollout_ref.actor.megatron.virtual_pipeline_model_parallel_size=2"
+    ]):
+        cfg = _compose("ppo_megatron_trainer", base + ["trainer.n_gpus_per_node=4"] + extra)
+        OmegaConf.resolve(cfg)
+        validate_config(cfg, check_paths=False)  # dp = 4 / 2, or 4 / (2 x 2)
+    refused = {
+        "pipeline_model_parallel_size": ([
+            "trainer.n_gpus_per_node=8", "actor_rollout_ref.actor.megatron.tensor_model_parallel_size=2",
+            "actor_rollout_ref.actor.megatron.pipeline_model_parallel_size=2"
+        ], r"> 1 together with .*tensor_model_parallel_size=2 and .*context_parallel_size=2"),
+        "expert_model_parallel_size":
+            (["trainer.n_gpus_per_node=4", "actor_rollout_ref.actor.megatron.expert_model_parallel_size=2"],
+             r"> 1 together with .*context_parallel_size=2"),
+    }
+    for part, (extra, problem) in refused.items():
+        bad = _compose("ppo_megatron_trainer", base + extra)
         OmegaConf.resolve(bad)
-        with pytest.raises(
-                ConfigError,
-                match=rf"actor_rollout_ref.actor.megatron.{part}: > 1 together with .*context_parallel_size=2"
-                r".*Fix: set"):
+        with pytest.raises(ConfigError, match=rf"actor_rollout_ref.actor.megatron.{part}: {problem}.*Fix: set"):
             validate_config(bad, check_paths=False)
     odd = _compose(
         "ppo_megatron_trainer", SMALL_RUN +

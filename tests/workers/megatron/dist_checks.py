@@ -1,9 +1,9 @@
 """Checks of the Megatron actor / critic / weight generator / engine hybrid engines / dist checkpoint that need several
 processes.
 
-Run by ``test_megatron_dist.py`` as ``torchrun --nproc_per_node=N dist_checks.py CHECK TP PP OUT_DIR`` (gloo on CPU,
-NCCL on GPUs). Each check compares against a plain Hugging Face model computed in the same process and writes
-``ok-<rank>`` into OUT_DIR when it passes (an assertion error fails the process, hence the test).
+Run by ``test_megatron_dist.py`` as ``torchrun --nproc_per_node=N dist_checks.py CHECK TP PP OUT_DIR [EP [CP [VPP]]]``
+(gloo on CPU, NCCL on GPUs). Each check compares against a plain Hugging Face model computed in the same process and
+writes ``ok-<rank>`` into OUT_DIR when it passes (an assertion error fails the process, hence the test).
 """
 from __future__ import annotations
 
@@ -198,21 +198,24 @@ def _hf_layout_grads(chunks: list, converter: Any) -> dict[str, torch.Tensor]:
     return {name: t.detach().cpu().clone() for name, t in GradGenerator(chunks, converter).iter_hf_weights()}
 
 
-def check_actor(tp: int, pp: int, cp: int = 1) -> None:
+def check_actor(tp: int, pp: int, cp: int = 1, vpp: int | None = None) -> None:
     """Log-probs equal the HF model's; one PPO update changes them and matches an HF update's log-probs; the hybrid
     engine then streams the trained weights into an HF rollout model whose log-probs equal the actor's. The reported
     gradient norm equals HF's, and (where DP x CP is 1) so does every parameter's gradient. Prints the measured
-    differences (``[check_actor] ...``) for the record. ``cp``: context-parallel size (all-gathered K/V)."""
+    differences (``[check_actor] ...``) for the record. ``cp``: context-parallel size (all-gathered K/V); ``vpp``:
+    virtual pipeline stages (the interleaved schedule, which needs a multiple of PP micro-batches)."""
     from transformers import AutoModelForCausalLM
 
     from verl.utils.megatron_utils import build_megatron_model
 
-    path, hf_config, mcfg, info = _setup(tp, pp, context_parallel_size=cp)
+    path, hf_config, mcfg, info = _setup(tp, pp, context_parallel_size=cp, virtual_pipeline_model_parallel_size=vpp)
     assert info.cp_size == cp and info.dp_size == dist.get_world_size() // (tp * pp * cp)
     chunks, tf_config, converter = build_megatron_model(hf_config, mcfg, path)
+    assert len(chunks) == (vpp or 1)
     actor, actor_cfg = _ppo_actor(hf_config, tf_config, chunks, mcfg)
     data = _batch(hf_config.vocab_size)
-    data.meta_info.update({"micro_batch_size": 3, "temperature": 1.0})
+    # 4 micro-batches of 2 rows (and 4 dynamic ones of <= 22 tokens) under the interleaved schedule, else 3
+    data.meta_info.update({"micro_batch_size": 2 if vpp else 3, "temperature": 1.0})
     lp, ent = actor.compute_log_prob(data, calculate_entropy=True)
 
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -226,7 +229,7 @@ def check_actor(tp: int, pp: int, cp: int = 1) -> None:
 
     # dynamic batching gives the same values in the original order
     dyn = copy.deepcopy(data)
-    dyn.meta_info.update({"use_dynamic_bsz": True, "max_token_len": 25})
+    dyn.meta_info.update({"use_dynamic_bsz": True, "max_token_len": 22 if vpp else 25})
     lp_dyn, _ = actor.compute_log_prob(dyn)
     assert torch.allclose(lp_dyn[mask], lp[mask], atol=2e-4)
 
@@ -254,7 +257,11 @@ def _report(what: str, value: float, tp: int, pp: int) -> None:
         from megatron.core import parallel_state as mpu
 
         cp = mpu.get_context_parallel_world_size() if mpu.model_parallel_is_initialized() else 1
-        print(f"[check_actor] tp={tp} pp={pp} cp={cp} world={dist.get_world_size()} {what}: {value:.3g}", flush=True)
+        vpp = mpu.get_virtual_pipeline_model_parallel_world_size() if mpu.model_parallel_is_initialized() else None
+        print(
+            f"[check_actor] tp={tp} pp={pp} vpp={vpp or 1} cp={cp} world={dist.get_world_size()} {what}: "
+            f"{value:.3g}",
+            flush=True)
 
 
 def check_cp_attention(cp: int) -> None:
@@ -804,12 +811,13 @@ def main() -> None:
     check, tp, pp, out_dir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     ep = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     cp = int(sys.argv[6]) if len(sys.argv) > 6 else 1
+    vpp = int(sys.argv[7]) if len(sys.argv) > 7 else None
     if check == "moe_actor":
         check_moe_actor(tp, pp, ep, out_dir)
     elif check == "moe_checkpoint":
         check_moe_checkpoint(tp, pp, ep, out_dir)
     elif check == "actor":
-        check_actor(tp, pp, cp)
+        check_actor(tp, pp, cp, vpp)
     elif check == "critic_vs_hf":
         check_critic_vs_hf(tp, pp, cp)
     elif check == "cp_attention":

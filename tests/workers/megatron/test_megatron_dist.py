@@ -32,9 +32,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run(check: str, tp: int, pp: int, tmp_path, nproc: int = NPROC, ep: int = 1, cp: int = 1) -> None:
-    if nproc > 1 and _gpus() == 1:
-        pytest.skip(f"{nproc} ranks need {nproc} GPUs (NCCL refuses two ranks on one device); this machine has 1")
+def _run(check: str,
+         tp: int,
+         pp: int,
+         tmp_path,
+         nproc: int = NPROC,
+         ep: int = 1,
+         cp: int = 1,
+         vpp: int | None = None) -> None:
+    gpus = _gpus()
+    if nproc > 1 and 0 < gpus < nproc:
+        pytest.skip(f"{nproc} ranks need {nproc} GPUs (NCCL refuses two ranks on one device); this machine has {gpus}")
     env = dict(os.environ)
     env.setdefault("PYTHONWARNINGS", "ignore")
     cmd = [
@@ -45,10 +53,10 @@ def _run(check: str, tp: int, pp: int, tmp_path, nproc: int = NPROC, ep: int = 1
         str(tmp_path),
         str(ep),
         str(cp)
-    ]
+    ] + ([str(vpp)] if vpp else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=str(tmp_path))
     log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{check} tp={tp} pp={pp} ep={ep} cp={cp} failed:\n{log[-6000:]}"
+    assert proc.returncode == 0, f"{check} tp={tp} pp={pp} vpp={vpp} ep={ep} cp={cp} failed:\n{log[-6000:]}"
     for rank in range(nproc):
         assert (tmp_path / f"ok-{check}-{rank}").is_file(), log[-3000:]
 
@@ -75,10 +83,19 @@ def test_actor_with_context_parallelism_matches_hf(tmp_path):
     _run("actor", 1, 1, tmp_path, cp=2)
 
 
-@pytest.mark.parametrize("tp,cp", [(1, 2), (1, 1), (2, 1)], ids=["cp2", "dp2", "tp2"])
-def test_critic_values_and_update_match_hf(tp, cp, tmp_path):
+@pytest.mark.parametrize("tp,pp,vpp", [(2, 1, None), (1, 2, None), (1, 2, 2)], ids=["tp2", "pp2", "pp2-vpp2"])
+def test_actor_with_context_and_tensor_or_pipeline_parallelism_matches_hf(tp, pp, vpp, tmp_path):
+    """CP=2 x TP=2 (each TP rank all-gathers the K/V of its heads over its CP group) and CP=2 x PP=2 (1F1B, and the
+    interleaved schedule with 2 virtual stages; the stages pass CP-local activations) on 4 ranks: log-probs, the
+    gradient norm and one PPO update equal the HF model's; the synced HF rollout gives the trained actor's log-probs."""
+    _run("actor", tp, pp, tmp_path, nproc=4, cp=2, vpp=vpp)
+
+
+@pytest.mark.parametrize("tp,cp,nproc", [(1, 2, 2), (1, 1, 2), (2, 1, 2), (2, 2, 4)],
+                         ids=["cp2", "dp2", "tp2", "tp2-cp2"])
+def test_critic_values_and_update_match_hf(tp, cp, nproc, tmp_path):
     """Values equal the HF backbone x value head; the gradient norm and one update equal HF AdamW's."""
-    _run("critic_vs_hf", tp, 1, tmp_path, cp=cp)
+    _run("critic_vs_hf", tp, 1, tmp_path, nproc=nproc, cp=cp)
 
 
 def test_dist_checkpoint_with_context_parallelism_replays_the_next_update(tmp_path):

@@ -158,14 +158,30 @@ def test_megatron_rotary_positions_per_cp_rank_are_the_tokens_cp_local_index_pic
         assert sliced.flatten().long().tolist() == cp_local_index(12, 2, r).tolist()
 
 
-def test_context_parallelism_is_refused_with_tensor_pipeline_or_expert_parallelism():
+def test_context_parallelism_is_allowed_with_tp_or_pp_and_refused_with_both_or_with_ep():
     from verl.utils.megatron_utils import check_context_parallel_supported
 
     check_context_parallel_supported({"context_parallel_size": 2}, "x")
     check_context_parallel_supported({"context_parallel_size": 1, "tensor_model_parallel_size": 2}, "x")
-    for part in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
-        with pytest.raises(NotImplementedError, match=rf"x.context_parallel_size=2 together with x.{part}=2"):
-            check_context_parallel_supported({"context_parallel_size": 2, part: 2}, "x")
+    check_context_parallel_supported({"context_parallel_size": 2, "tensor_model_parallel_size": 2}, "x")
+    check_context_parallel_supported(
+        {
+            "context_parallel_size": 2,
+            "pipeline_model_parallel_size": 2,
+            "virtual_pipeline_model_parallel_size": 2
+        }, "x")
+    with pytest.raises(NotImplementedError,
+                       match=r"x.context_parallel_size=2 together with x.expert_model_parallel_size=2"):
+        check_context_parallel_supported({"context_parallel_size": 2, "expert_model_parallel_size": 2}, "x")
+    with pytest.raises(NotImplementedError,
+                       match=r"x.context_parallel_size=2 together with x.tensor_model_parallel_size=2 and "
+                       r"x.pipeline_model_parallel_size=2 is not supported yet .* set one of them to 1"):
+        check_context_parallel_supported(
+            {
+                "context_parallel_size": 2,
+                "tensor_model_parallel_size": 2,
+                "pipeline_model_parallel_size": 2
+            }, "x")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("megatron.core") is None, reason="megatron-core is not installed")
@@ -201,3 +217,21 @@ def test_bf16_config_on_cuda_without_the_fused_softmax_kernel_uses_the_unfused_s
     assert tf_config.bias_activation_fusion  # a torch-jit fusion: kept on CUDA
     monkeypatch.setattr(megatron_utils, "is_cuda_available", lambda: False)
     assert not megatron_utils._transformer_config(hf_config, cfg, torch.bfloat16).masked_softmax_fusion
+
+
+@pytest.mark.skipif(importlib.util.find_spec("megatron.core") is None, reason="megatron-core is not installed")
+def test_sequence_parallelism_is_turned_off_with_context_parallelism_without_transformer_engine(monkeypatch):
+    """With Apex norms but no Transformer Engine sequence parallelism would run under the CP attention of the local
+    spec, a combination never tested: it is turned off (same results), and kept with CP = 1."""
+    from transformers import AutoConfig
+
+    from verl.models.tiny import get_tiny_model_path
+    from verl.utils import megatron_utils
+
+    monkeypatch.setattr(megatron_utils, "_fused_norm_available", lambda: True)  # as with Apex
+    monkeypatch.setattr(megatron_utils, "_module_available", lambda name: name != "transformer_engine")
+    hf_config = AutoConfig.from_pretrained(get_tiny_model_path())
+    cfg = {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 1, "sequence_parallel": True}
+    assert megatron_utils._transformer_config(hf_config, cfg, torch.float32).sequence_parallel
+    cfg["context_parallel_size"] = 2
+    assert not megatron_utils._transformer_config(hf_config, cfg, torch.float32).sequence_parallel
