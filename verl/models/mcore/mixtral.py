@@ -38,8 +38,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from verl.models.mcore.weight_converter import (_COPY, _GATE_UP, _HF_LAYER, DecoderDims, DenseDecoderWeightConverter,
-                                                McoreLayout, _cfg, _Rule)
+from verl.models.mcore.weight_converter import _COPY, _GATE_UP, _HF_LAYER, DenseDecoderWeightConverter, _cfg, _Rule
 from verl.models.moe_names import (MIXTRAL_IN_MEMORY_EXPERTS_RE, mixtral_module_target, mixtral_to_checkpoint_names,
                                    mixtral_to_in_memory_names)
 
@@ -63,9 +62,6 @@ class MixtralWeightConverter(DenseDecoderWeightConverter):
     router <-> ``block_sparse_moe.gate``, expert ``linear_fc1`` <-> ``[w1; w3]``, ``linear_fc2`` <-> ``w2``, for any
     TP x PP (x VPP) x EP layout."""
 
-    def __init__(self, hf_config: Any, layout: McoreLayout, dims: Optional[DecoderDims] = None) -> None:
-        super().__init__(hf_config, layout, dims)
-
     def _num_experts(self) -> int:
         return _num_experts(self.hf_config)
 
@@ -85,7 +81,7 @@ class MixtralWeightConverter(DenseDecoderWeightConverter):
     def _hf_tensor(self, hf_state_dict: Mapping[str, torch.Tensor], hf_name: str) -> Optional[torch.Tensor]:
         if hf_name in hf_state_dict:
             return hf_state_dict[hf_name]
-        target = mixtral_module_target(hf_name, self.dims.ffn_hidden_size)
+        target = self.hf_module_target(hf_name)
         if target is None or target[0] not in hf_state_dict:
             return None
         name, index = target
