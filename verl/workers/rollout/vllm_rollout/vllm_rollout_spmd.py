@@ -334,6 +334,15 @@ def _runner_model(runner: Any) -> Any:
     return runner.get_model() if hasattr(runner, "get_model") else getattr(runner, "model", None)
 
 
+@contextlib.contextmanager
+def in_place_reload(runner: Any) -> Iterator[None]:
+    """Around a worker's ``reload_weights(..., is_checkpoint_format=True)`` (the hybrid engine's sync and the server's
+    weight push alike): the rotary reload warning quieted and the CPU fused-MoE experts reprocessed
+    (:func:`_moe_experts_reprocessed_on_reload`)."""
+    with _quiet_rotary_reload(), _moe_experts_reprocessed_on_reload(_runner_model(runner)):
+        yield
+
+
 class _CountingIterator:
     """Pass ``(name, tensor)`` pairs through while counting them and their bytes."""
 
@@ -550,7 +559,7 @@ class vLLMRollout(BaseRollout):
         reload = getattr(runner, "reload_weights", None)
         if reload is not None and "weights_iterator" in inspect.signature(reload).parameters:
             # re-runs the post-load processing (e.g. the CPU backend's prepacked linear and MoE weights)
-            with _quiet_rotary_reload(), _moe_experts_reprocessed_on_reload(_runner_model(runner)):
+            with in_place_reload(runner):
                 worker.reload_weights(weights_iterator=counted, is_checkpoint_format=True)
         else:  # older vLLM: the model's own load_weights
             _runner_model(runner).load_weights(counted)

@@ -55,8 +55,7 @@ class WeightSyncExtension:
     """Mixed into vLLM's worker class (``self`` is the worker: it has ``reload_weights``)."""
 
     def _verl_reload(self, weights: Iterator[tuple[str, Any]]) -> int:
-        from verl.workers.rollout.vllm_rollout.vllm_rollout_spmd import (_moe_experts_reprocessed_on_reload,
-                                                                         _quiet_rotary_reload, _runner_model)
+        from verl.workers.rollout.vllm_rollout.vllm_rollout_spmd import in_place_reload
 
         count = [0]
 
@@ -65,8 +64,7 @@ class WeightSyncExtension:
                 count[0] += 1
                 yield item
 
-        with _quiet_rotary_reload(), _moe_experts_reprocessed_on_reload(
-                _runner_model(getattr(self, "model_runner", None))):
+        with in_place_reload(getattr(self, "model_runner", None)):
             self.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
         return count[0]
 
