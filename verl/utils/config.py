@@ -293,29 +293,41 @@ def _lazy_registry_check(module: str, getter: str, key: str, name: Any) -> None:
         raise ConfigError(f"{key}: {msg}. Fix: set {key} to a registered name") from exc
 
 
+def context_parallel_conflict(cp: int, tp: int, pp: int, ep: int) -> tuple[str, str] | None:
+    """What Megatron context parallelism (CP > 1; all-gathered K/V in the local layer spec,
+    verl.models.mcore.cp_attention) is refused with, as ``(the megatron size key it conflicts with, why)``, else
+    None. It is tested with data parallelism and with TP or PP (also virtual) on 4 ranks; with EP, or with TP and PP
+    both > 1, it is refused. One rule for the driver's config check and the workers' (megatron_utils)."""
+    if cp > 1 and ep > 1:
+        return "expert_model_parallel_size", "context parallelism is not implemented for mixture-of-experts models"
+    if cp > 1 and tp > 1 and pp > 1:
+        return ("pipeline_model_parallel_size",
+                "context parallelism is tested with tensor or pipeline parallelism, not with both at once")
+    return None
+
+
 def _check_megatron_unsupported(config: Any, section: str) -> None:
-    """Context parallelism (CP > 1; all-gathered K/V in the local layer spec, verl.models.mcore.cp_attention) is
-    tested with data parallelism and with TP or PP (also virtual) on 4 ranks: CP with EP, or with TP and PP both
-    > 1, is refused."""
     cp = _int(config, f"{section}.context_parallel_size", 1, minimum=1)
     if cp == 1:
         return
-    if _int(config, f"{section}.expert_model_parallel_size", 1, minimum=1) > 1:
-        _fail(
-            f"{section}.expert_model_parallel_size", f"> 1 together with {section}.context_parallel_size={cp} is not "
-            "supported yet (context parallelism is not implemented for mixture-of-experts models)",
-            f"set {section}.expert_model_parallel_size=1, or {section}.context_parallel_size=1")
     tp = _int(config, f"{section}.tensor_model_parallel_size", 1, minimum=1)
     pp = _int(config, f"{section}.pipeline_model_parallel_size", 1, minimum=1)
-    if tp > 1 and pp > 1:
-        _fail(
-            f"{section}.pipeline_model_parallel_size", f"> 1 together with {section}.tensor_model_parallel_size={tp} "
-            f"and {section}.context_parallel_size={cp} is not supported yet (context parallelism is tested with "
-            "tensor or pipeline parallelism, not with both at once)",
-            f"set {section}.pipeline_model_parallel_size=1 or {section}.tensor_model_parallel_size=1, or "
-            f"{section}.context_parallel_size=1 (for long sequences the FSDP actor also has "
-            "actor_rollout_ref.actor.ulysses_sequence_parallel_size with "
-            "actor_rollout_ref.model.use_remove_padding=True)")
+    conflict = context_parallel_conflict(cp, tp, pp, _int(config, f"{section}.expert_model_parallel_size", 1,
+                                                          minimum=1))
+    if conflict is None:
+        return
+    part, why = conflict
+    if part == "expert_model_parallel_size":
+        _fail(f"{section}.{part}",
+              f"> 1 together with {section}.context_parallel_size={cp} is not supported yet ({why})",
+              f"set {section}.{part}=1, or {section}.context_parallel_size=1")
+    _fail(
+        f"{section}.{part}", f"> 1 together with {section}.tensor_model_parallel_size={tp} "
+        f"and {section}.context_parallel_size={cp} is not supported yet ({why})",
+        f"set {section}.pipeline_model_parallel_size=1 or {section}.tensor_model_parallel_size=1, or "
+        f"{section}.context_parallel_size=1 (for long sequences the FSDP actor also has "
+        "actor_rollout_ref.actor.ulysses_sequence_parallel_size with "
+        "actor_rollout_ref.model.use_remove_padding=True)")
 
 
 def _dp_size(config: Any, section: str, n_gpus: int, sp_key: str) -> tuple[int, int]:

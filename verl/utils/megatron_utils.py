@@ -102,26 +102,24 @@ def _sizes(megatron_cfg: Any) -> tuple[int, int, Optional[int]]:
 
 
 def check_context_parallel_supported(megatron_cfg: Any, label: str) -> None:
-    """Context parallelism (:mod:`verl.models.mcore.cp_attention`) is tested with data parallelism and with either
-    tensor or pipeline (also virtual pipeline) parallelism; CP with expert parallelism, and CP with TP and PP both
-    > 1 (untested: 8 ranks), are refused with an error that says so."""
+    """Refuse, with an error that says so, what context parallelism (:mod:`verl.models.mcore.cp_attention`) is not
+    supported with (the rule: :func:`verl.utils.config.context_parallel_conflict`): expert parallelism, and TP and PP
+    both > 1 (untested: 8 ranks)."""
+    from verl.utils.config import context_parallel_conflict
+
     cp = int(cfg_get(megatron_cfg, "context_parallel_size", 1) or 1)
-    if cp == 1:
-        return
     tp, pp, _ = _sizes(megatron_cfg)
     ep = int(cfg_get(megatron_cfg, "expert_model_parallel_size", 1) or 1)
-    if ep > 1:
-        raise NotImplementedError(
-            f"{label}.context_parallel_size={cp} together with {label}.expert_model_parallel_size="
-            f"{ep} is not supported yet (context parallelism is not implemented for "
-            f"mixture-of-experts models); set {label}.expert_model_parallel_size=1 or "
-            f"{label}.context_parallel_size=1")
-    if tp > 1 and pp > 1:
-        raise NotImplementedError(
-            f"{label}.context_parallel_size={cp} together with {label}.tensor_model_parallel_size="
-            f"{tp} and {label}.pipeline_model_parallel_size={pp} is not supported yet (context "
-            "parallelism is tested with tensor or pipeline parallelism, not with both at once); "
-            f"set one of them to 1 or {label}.context_parallel_size=1")
+    conflict = context_parallel_conflict(cp, tp, pp, ep)
+    if conflict is None:
+        return
+    part, why = conflict
+    if part == "expert_model_parallel_size":
+        raise NotImplementedError(f"{label}.context_parallel_size={cp} together with {label}.{part}={ep} is not "
+                                  f"supported yet ({why}); set {label}.{part}=1 or {label}.context_parallel_size=1")
+    raise NotImplementedError(f"{label}.context_parallel_size={cp} together with {label}.tensor_model_parallel_size="
+                              f"{tp} and {label}.pipeline_model_parallel_size={pp} is not supported yet ({why}); "
+                              f"set one of them to 1 or {label}.context_parallel_size=1")
 
 
 def init_megatron_parallel(megatron_cfg: Any, label: str) -> MegatronParallelInfo:
