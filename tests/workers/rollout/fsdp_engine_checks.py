@@ -27,7 +27,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from megatron_engine_checks import BUCKET_MB, LOG_PROB_ATOL, P, R, _check_sync_metrics, _hf_rollout  # noqa: E402
+from megatron_engine_checks import (
+    BUCKET_MB,
+    LOG_PROB_ATOL,
+    P,
+    R,
+    _check_sync_metrics,
+    _hf_rollout,  # noqa: E402
+    update_with_random_advantages)
 from megatron_engine_checks import _prompts as _all_prompts  # noqa: E402
 
 
@@ -111,11 +118,7 @@ def main() -> None:
 
     # 2. one PPO update of the actor, then the sync must carry the new weights into the engine
     data = out0.select(list(out0.batch.keys()), [], [])
-    data.batch["old_log_probs"] = worker.compute_log_prob(data).batch["old_log_probs"]
-    g = torch.Generator().manual_seed(0)
-    data.batch["advantages"] = torch.randn(data.batch["response_mask"].shape, generator=g) * data.batch["response_mask"]
-    metrics = worker.update_actor(data).meta_info["metrics"]
-    assert metrics["actor/lr"] > 0
+    update_with_random_advantages(worker, data)
 
     out1 = worker.generate_sequences(copy.deepcopy(prompts))
     _check_sync_metrics(out1, hf)

@@ -148,6 +148,16 @@ def _check_sync_metrics(out, model) -> None:
     assert abs(metrics["perf/weight_sync_gb"] * (1 << 30) - sum(sizes)) < 1, (metrics, sum(sizes))
 
 
+def update_with_random_advantages(worker, data) -> None:
+    """One PPO update of the worker's actor on ``data`` (its rollout), with fixed random advantages: the policy
+    moves, so a stale engine after the next sync fails the checks."""
+    data.batch["old_log_probs"] = worker.compute_log_prob(data).batch["old_log_probs"]
+    g = torch.Generator().manual_seed(0)
+    data.batch["advantages"] = torch.randn(data.batch["response_mask"].shape, generator=g) * data.batch["response_mask"]
+    metrics = worker.update_actor(data).meta_info["metrics"]
+    assert metrics["actor/lr"] > 0
+
+
 def main() -> None:
     engine, tp, rollout_tp, out_dir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     variant = sys.argv[5] if len(sys.argv) > 5 else "dense"
@@ -196,11 +206,7 @@ def main() -> None:
 
     # 2. one PPO update of the Megatron actor, then the sync must carry the new weights into the engine
     data = everything0.chunk(worker.parallel.dp_size)[worker.parallel.dp_rank]
-    data.batch["old_log_probs"] = worker.compute_log_prob(data).batch["old_log_probs"]
-    g = torch.Generator().manual_seed(0)
-    data.batch["advantages"] = torch.randn(data.batch["response_mask"].shape, generator=g) * data.batch["response_mask"]
-    metrics = worker.update_actor(data).meta_info["metrics"]
-    assert metrics["actor/lr"] > 0
+    update_with_random_advantages(worker, data)
 
     out1 = worker.generate_sequences(copy.deepcopy(prompts))
     _check_sync_metrics(out1, hf)
