@@ -156,13 +156,13 @@ class MegatronPPOActor(BasePPOActor):
         responses = mb["responses"]
         length = responses.shape[-1]
         cp_size, cp_rank = _cp(self.tf_config)
+        seq = mb["input_ids"].shape[-1]
         if cp_size > 1:
             # this rank's logits are those of its tokens (layout of cp_local_index): label each with the next token
             # of the sequence, then gather the per-token log-probs (not the logits) over the CP group
             from verl.models.mcore.cp_attention import cp_local_index
 
             input_ids = mb["input_ids"]
-            seq = input_ids.shape[-1]
             padded = _padded_length(self.tf_config, seq)
             next_ids = torch.nn.functional.pad(input_ids[:, 1:], (0, padded - seq + 1))
             labels = next_ids[:, cp_local_index(padded, cp_size, cp_rank, input_ids.device)]
@@ -180,7 +180,6 @@ class MegatronPPOActor(BasePPOActor):
                                                       tp_size=mpu.get_tensor_model_parallel_world_size(),
                                                       entropy_grad=entropy_grad)
         if cp_size > 1:
-            seq = mb["input_ids"].shape[-1]
             log_probs = gather_cp_tokens(log_probs, self.tf_config, seq)[:, -length - 1:-1]
             if entropy is not None:
                 entropy = gather_cp_tokens(entropy, self.tf_config, seq)[:, -length - 1:-1]
